@@ -1,0 +1,41 @@
+"""llava_jax: LLaVA (CLIP vision tower -> projector -> LLaMA decoder) in JAX / Flax NNX."""
+
+from setuptools import find_packages, setup
+
+# torch is pinned: `pip install torch==2.13.0` takes the CPU build; an unpinned torch pulls
+# a multi-GB CUDA build.
+TORCH = "torch==2.13.0"
+
+setup(
+    name="llava_jax",
+    version="0.1.0",
+    description="LLaVA vision-language models in JAX/Flax: training, conversion, inference.",
+    packages=find_packages(include=["llava_jax", "llava_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.7",
+        "flax>=0.12",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11",
+        "grain>=0.2.12",
+        "ml_collections>=1.0",
+        "absl-py>=2.0",
+        "transformers>=4.45",
+        "tokenizers>=0.20",
+        "safetensors>=0.4",
+        "numpy>=1.26",
+        "pillow>=10.0",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "torch": [TORCH],
+        "test": [
+            "pytest>=8",
+            "pytest-xdist>=3.5",
+            "chex>=0.1.90",
+            TORCH,
+            "scikit-image>=0.22",
+        ],
+        "tfds": ["tensorflow-datasets>=4.9.7", "array-record>=0.7"],
+    },
+)
