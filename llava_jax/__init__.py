@@ -20,6 +20,6 @@ _LAZY = {
 
 def __getattr__(name):
     if name in _LAZY:
-    module_name, attr = _LAZY[name]
+        module_name, attr = _LAZY[name]
         return getattr(importlib.import_module(module_name), attr)
     raise AttributeError(f"module 'llava_jax' has no attribute {name!r}")
