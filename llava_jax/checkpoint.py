@@ -1,0 +1,263 @@
+"""The model checkpoint format shared by conversion, training, inference and evaluation.
+
+A model directory is self-describing:
+
+    MODEL_DIR/
+      llava_config.json   the LlavaConfig (architecture + compute defaults)
+      tokenizer/          tokenizer files, when known (tokenizer.json, tokenizer_config.json, ...)
+      params/             an orbax PyTree checkpoint of the parameters: a nested dict
+                          mirroring the flax module tree (stacked [layers, ...] arrays)
+
+A training workdir holds `llava_config.json` and `tokenizer/` at its top and an orbax
+`CheckpointManager` directory `checkpoints/<step>/params/` (plus optimizer and data state);
+`load_pretrained` accepts either.
+
+Writes are atomic: everything goes to `<dir>.incomplete` first and is renamed at the end,
+so an interrupted conversion never leaves a directory that looks complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from llava_jax.models.config import LlavaConfig, jnp_dtype
+
+CONFIG_FILE = "llava_config.json"
+TOKENIZER_DIR = "tokenizer"
+PARAMS_DIR = "params"
+CHECKPOINTS_DIR = "checkpoints"
+
+
+class CheckpointNotFoundError(FileNotFoundError):
+    pass
+
+
+def _quiet_orbax():
+    import orbax.checkpoint.experimental.v1 as ocp1
+
+    warnings.filterwarnings("ignore", module=r"orbax\..*")
+    return ocp1
+
+
+# ----- writing -----
+
+class ModelWriter:
+    """Streams parameters into a new model directory, one array at a time.
+
+    with ModelWriter(out, config) as writer:
+        writer.add("language_model/norm/scale", array)
+        ...
+        writer.finish(tokenizer_dir=...)
+    """
+
+    def __init__(self, output: str | os.PathLike, config: LlavaConfig, *, overwrite: bool = False):
+        self.output = Path(output)
+        if self.output.exists() and not overwrite:
+            raise FileExistsError(f"{self.output} already exists; pass --overwrite to replace it.")
+        self.stage = self.output.with_name(self.output.name + ".incomplete")
+        if self.stage.exists():
+            shutil.rmtree(self.stage)  # leftovers of an interrupted run, never a finished model
+        self.stage.mkdir(parents=True)
+        self.config = config
+        self.params_path = self.stage / PARAMS_DIR
+        self.added: set[str] = set()
+        self._ocp = _quiet_orbax()
+        self.finished = False
+
+    def add(self, path: str, array: np.ndarray) -> None:
+        """Saves one parameter (our flat path, full stacked shape)."""
+        tree: dict[str, Any] = {}
+        node = tree
+        *parents, leaf = path.split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = np.asarray(array)
+        self._ocp.partial.save(self.params_path, tree)
+        self.added.add(path)
+
+    def add_tree(self, tree: dict) -> None:
+        """Saves a nested dict of arrays in one go (small models, trained params)."""
+        self._ocp.partial.save(self.params_path, tree)
+
+    def finish(self, tokenizer_dir: str | os.PathLike | None = None, tokenizer=None) -> Path:
+        self._ocp.partial.finalize(self.params_path)
+        (self.stage / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(self.stage / TOKENIZER_DIR))
+        elif tokenizer_dir is not None:
+            shutil.copytree(tokenizer_dir, self.stage / TOKENIZER_DIR)
+        if self.output.exists():
+            shutil.rmtree(self.output)
+        self.stage.rename(self.output)
+        self.finished = True
+        return self.output
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None and not self.finished:
+            shutil.rmtree(self.stage, ignore_errors=True)
+        return False
+
+
+def save_model(model, output: str | os.PathLike, *, tokenizer=None, overwrite: bool = False) -> Path:
+    """Writes an in-memory LlavaModel (and optionally its tokenizer) as a model directory."""
+    from flax import nnx
+
+    params = jax.tree.map(np.asarray, nnx.state(model, nnx.Param).to_pure_dict())
+    with ModelWriter(output, model.config, overwrite=overwrite) as writer:
+        writer.add_tree(params)
+        return writer.finish(tokenizer=tokenizer)
+
+
+# ----- reading -----
+
+def read_config(path: str | os.PathLike) -> LlavaConfig:
+    config_path = Path(path) / CONFIG_FILE
+    if not config_path.exists():
+        raise CheckpointNotFoundError(
+            f"{config_path} not found: {path} is not a llava_jax model directory or training "
+            "workdir (convert PyTorch weights with `python -m llava_jax.convert`).")
+    try:
+        return LlavaConfig.from_dict(json.loads(config_path.read_text()))
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{config_path}: invalid model config ({e}).") from e
+
+
+def params_directory(path: str | os.PathLike, step: int | None = None) -> Path:
+    """The orbax params directory of a model directory or (latest step of) a training workdir."""
+    path = Path(path)
+    if (path / PARAMS_DIR).exists():
+        candidate = path / PARAMS_DIR
+    else:
+        steps_root = path / CHECKPOINTS_DIR
+        steps = sorted(int(p.name) for p in steps_root.iterdir()
+                       if p.name.isdigit()) if steps_root.is_dir() else []
+        if not steps:
+            raise CheckpointNotFoundError(f"{path}: no params/ directory and no finished "
+                                          f"checkpoints under {steps_root}.")
+        if step is not None and step not in steps:
+            raise CheckpointNotFoundError(f"{path}: no checkpoint for step {step}; have {steps}.")
+        candidate = steps_root / str(step if step is not None else steps[-1]) / PARAMS_DIR
+    # A partial-save (conversion) checkpoint nests the tree one level down.
+    return candidate / "state" if (candidate / "state" / "_METADATA").exists() else candidate
+
+
+def load_params(path: str | os.PathLike, abstract_params: Any, *, step: int | None = None) -> Any:
+    """Restores the params tree into the given abstract tree (shapes, dtypes, shardings)."""
+    import orbax.checkpoint as ocp
+
+    _quiet_orbax()
+    directory = params_directory(path, step)
+
+    def restore_args(leaf):
+        sharding = getattr(leaf, "sharding", None)
+        return ocp.ArrayRestoreArgs(dtype=leaf.dtype, sharding=sharding,
+                                    global_shape=leaf.shape) if sharding is not None else \
+            ocp.RestoreArgs(restore_type=np.ndarray, dtype=leaf.dtype)
+
+    checkpointer = ocp.PyTreeCheckpointer()
+    try:
+        return checkpointer.restore(directory.absolute(), args=ocp.args.PyTreeRestore(
+            item=abstract_params, restore_args=jax.tree.map(restore_args, abstract_params)))
+    except ValueError as e:
+        raise ValueError(f"{directory}: parameters do not match the model described by "
+                         f"{CONFIG_FILE} ({e}).") from e
+
+
+def load_param_leaf(path: str | os.PathLike, flat_name: str, shape, dtype) -> np.ndarray:
+    """Restores one parameter by flat path without reading the rest (for streaming export)."""
+    import orbax.checkpoint as ocp
+
+    _quiet_orbax()
+    tree: dict = {}
+    node = tree
+    *parents, leaf = flat_name.split("/")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = jax.ShapeDtypeStruct(tuple(shape), dtype)
+    restore = jax.tree.map(lambda s: ocp.RestoreArgs(restore_type=np.ndarray, dtype=s.dtype), tree)
+    out = ocp.PyTreeCheckpointer().restore(
+        params_directory(path).absolute(),
+        args=ocp.args.PyTreeRestore(item=tree, restore_args=restore, partial_restore=True))
+    for part in flat_name.split("/"):
+        out = out[part]
+    return out
+
+
+def stored_param_dtypes(path: str | os.PathLike) -> dict[str, np.dtype]:
+    """Flat path -> dtype as stored on disk."""
+    import orbax.checkpoint as ocp
+
+    _quiet_orbax()
+    metadata = ocp.PyTreeCheckpointer().metadata(params_directory(path).absolute())
+    tree = getattr(metadata, "item_metadata", None) or getattr(metadata, "tree", metadata)
+    tree = getattr(tree, "tree", tree)
+    flat = {}
+    for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        flat["/".join(str(getattr(k, "key", k)) for k in key_path)] = np.dtype(leaf.dtype)
+    return flat
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The checkpoint's tokenizer (transformers fast tokenizer), or None."""
+    tokenizer_dir = Path(path) / TOKENIZER_DIR
+    if not (tokenizer_dir / "tokenizer.json").exists():
+        return None
+    from transformers import PreTrainedTokenizerFast
+
+    # Not AutoTokenizer: transformers 5 rewrites Llama whitespace handling there.
+    return PreTrainedTokenizerFast.from_pretrained(str(tokenizer_dir))
+
+
+@dataclasses.dataclass
+class Pretrained:
+    """What `load_pretrained` returns."""
+
+    model: Any  # LlavaModel
+    config: LlavaConfig
+    tokenizer: Any  # transformers PreTrainedTokenizerFast or None
+
+
+def load_pretrained(path: str | os.PathLike, dtype: str | None = None, *,
+                    param_dtype: str | None = None, step: int | None = None) -> Pretrained:
+    """Loads a model directory (or training workdir) into a ready-to-call LlavaModel.
+
+    Args:
+      path: a directory written by `python -m llava_jax.convert` or `llava_jax.train`.
+      dtype: compute dtype ('float32', 'bfloat16'); default: the checkpoint's.
+      param_dtype: parameter dtype in memory; default: `dtype` if given, else the checkpoint's.
+      step: for a training workdir, which step (default: latest).
+    Returns:
+      Pretrained(model, config, tokenizer). `model(input_ids, pixel_values=None,
+      attention_mask=None)` returns float32 logits [batch, seq, vocab].
+    """
+    from flax import nnx
+
+    from llava_jax.models.llava import LlavaModel
+
+    config = read_config(path)
+    if dtype is not None:
+        dtype = dtype if isinstance(dtype, str) else np.dtype(dtype).name  # jnp.bfloat16 too
+        config = config.replace(dtype=dtype, param_dtype=param_dtype or dtype)
+    elif param_dtype is not None:
+        config = config.replace(param_dtype=param_dtype)
+    abstract = nnx.eval_shape(lambda: LlavaModel(config, rngs=nnx.Rngs(params=0)))
+    graphdef, abstract_state = nnx.split(abstract)
+    abstract_params = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, jnp_dtype(config.param_dtype)),
+        nnx.state(abstract, nnx.Param).to_pure_dict())
+    params = load_params(path, abstract_params, step=step)
+    nnx.replace_by_pure_dict(abstract_state, jax.tree.map(jax.numpy.asarray, params))
+    model = nnx.merge(graphdef, abstract_state)
+    return Pretrained(model=model, config=config, tokenizer=load_tokenizer(path))

@@ -1,0 +1,82 @@
+"""`python -m llava_jax.convert`: PyTorch LLaVA checkpoints <-> llava_jax model directories.
+
+  hf-to-jax     --input HF_DIR --output MODEL_DIR         (llava-hf LlavaForConditionalGeneration)
+  llava-to-jax  --input LLAVA_DIR --vision-tower CLIP_DIR --output MODEL_DIR
+                [--projector mm_projector.bin]            (original LLaVA layout)
+  jax-to-hf     --input MODEL_DIR --output HF_DIR         (for transformers / vLLM / ...)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from llava_jax.convert import core
+from llava_jax.convert.hf_config import ConfigError
+from llava_jax.convert.tensors import CheckpointError
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m llava_jax.convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p):
+        p.add_argument("--output", required=True, help="directory to create")
+        p.add_argument("--dtype", choices=DTYPES, default=None,
+                       help="dtype of the written weights (default: the input's)")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("hf-to-jax", help="transformers LlavaForConditionalGeneration -> llava_jax")
+    p.add_argument("--input", required=True, help="HF directory (config.json + safetensors)")
+    common(p)
+
+    p = sub.add_parser("llava-to-jax", help="original LLaVA (+ CLIP) -> llava_jax")
+    p.add_argument("--input", required=True,
+                   help="LlavaLlamaForCausalLM directory, or a plain LLaMA/Vicuna with --projector")
+    p.add_argument("--vision-tower", required=True, help="CLIPVisionModel or CLIPModel directory")
+    p.add_argument("--projector", default=None, help="stage-1 mm_projector.bin (or .safetensors)")
+    p.add_argument("--vision-feature-layer", type=int, default=None,
+                   help="override mm_vision_select_layer (default: config, else -2)")
+    p.add_argument("--image-aspect", choices=("pad", "square"), default=None,
+                   help="override image_aspect_ratio (default: config, else pad)")
+    common(p)
+
+    p = sub.add_parser("jax-to-hf", help="llava_jax -> transformers LlavaForConditionalGeneration")
+    p.add_argument("--input", required=True, help="model directory or training workdir")
+    p.add_argument("--max-shard-size-gb", type=float, default=2.0, help="safetensors shard size")
+    common(p)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    progress = not args.no_progress
+    try:
+        if args.command == "hf-to-jax":
+            out = core.hf_to_jax(args.input, args.output, dtype=args.dtype,
+                                 overwrite=args.overwrite, progress=progress)
+        elif args.command == "llava-to-jax":
+            out = core.llava_to_jax(args.input, args.vision_tower, args.output,
+                                    projector=args.projector, dtype=args.dtype,
+                                    vision_feature_layer=args.vision_feature_layer,
+                                    image_aspect=args.image_aspect, overwrite=args.overwrite,
+                                    progress=progress)
+        else:
+            out = core.jax_to_hf(args.input, args.output, dtype=args.dtype,
+                                 overwrite=args.overwrite, progress=progress,
+                                 max_shard_bytes=int(args.max_shard_size_gb * (1 << 30)))
+    except (CheckpointError, ConfigError, FileExistsError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

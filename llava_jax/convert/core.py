@@ -1,0 +1,340 @@
+"""Checkpoint conversion, PyTorch <-> llava_jax, streamed tensor by tensor.
+
+hf_to_jax:    transformers `LlavaForConditionalGeneration` directory -> model directory
+llava_to_jax: original LLaVA (`LlavaLlamaForCausalLM`) + CLIP directory (or a plain LLaMA
+              + a stage-1 `mm_projector.bin`) -> model directory
+jax_to_hf:    model directory -> `LlavaForConditionalGeneration` directory
+
+Peak memory is about one stacked parameter (e.g. all layers' MLP up-projections), never
+the whole model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import ml_dtypes
+import numpy as np
+from tqdm.auto import tqdm
+
+from llava_jax import checkpoint
+from llava_jax.convert import hf_config, mapping
+from llava_jax.convert.tensors import CheckpointError, ShardedSafetensorsWriter, TensorReader, cast
+from llava_jax.models.config import LlavaConfig
+from llava_jax.models.llava import abstract_model
+
+log = logging.getLogger(__name__)
+
+_NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "added_tokens.json", "chat_template.json",
+                   "chat_template.jinja")
+
+
+def _read_json(path: Path) -> dict:
+    if not path.exists():
+        raise CheckpointError(f"{path} not found.")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{path}: malformed JSON ({e}).") from e
+
+
+def _specs(config: LlavaConfig) -> list[mapping.ParamSpec]:
+    return mapping.param_specs(config, mapping.flat_param_shapes(abstract_model(config)))
+
+
+def _check_names(specs, available: set[str], describe: Callable[[str], str], where: str) -> None:
+    """Raises CheckpointError listing missing and unexpected tensors."""
+    wanted = {name for spec in specs for name in spec.torch_names}
+    missing = sorted(wanted - available)
+    unexpected = sorted(available - wanted)
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing tensors: {missing[:8]}"
+                        + (" ..." if len(missing) > 8 else ""))
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensors: "
+                        f"{[describe(n) for n in unexpected[:8]]}"
+                        + (" ..." if len(unexpected) > 8 else ""))
+    if problems:
+        raise CheckpointError(f"{where} does not match the model in its config: "
+                              + "; ".join(problems) + ".")
+
+
+def _write_params(specs, get_tensor: Callable[[str], np.ndarray], describe: Callable[[str], str],
+                  writer: checkpoint.ModelWriter, dtype, progress: bool) -> None:
+    """Reads each spec's torch tensors, checks shapes, transforms, stacks and saves."""
+    total = sum(len(spec.torch_names) for spec in specs)
+    with tqdm(total=total, desc="tensors", unit="tensor", disable=not progress) as bar:
+        for spec in specs:
+            out = np.empty(spec.shape, dtype)
+            per_layer_shape = spec.shape[1:] if spec.stacked else spec.shape
+            for i, name in enumerate(spec.torch_names):
+                tensor = spec.to_ours(get_tensor(name))
+                if tensor.shape != per_layer_shape:
+                    raise CheckpointError(
+                        f"{describe(name)}: shape {tuple(spec.to_torch(tensor).shape)} does not "
+                        f"match the config (expected {tuple(spec.to_torch(np.empty(per_layer_shape)).shape)}).")
+                value = cast(tensor, dtype, describe(name))
+                if spec.stacked:
+                    out[i] = value
+                else:
+                    out[...] = value
+                bar.update()
+            writer.add(spec.path, out)
+            del out
+
+
+def _resolve_dtype(dtype: str | None, fallback: str) -> tuple[str, type]:
+    name = dtype or fallback
+    if name not in _NP_DTYPES:
+        raise ValueError(f"--dtype={name!r}; use one of {sorted(_NP_DTYPES)}.")
+    return name, _NP_DTYPES[name]
+
+
+def _torch_dtype_name(config_json: dict, default: str = "float32") -> str:
+    name = config_json.get("torch_dtype") or config_json.get("dtype") or default
+    name = str(name).replace("torch.", "")
+    return name if name in _NP_DTYPES else default
+
+
+def _copy_tokenizer(source: Path, target: Path) -> Path | None:
+    files = [source / f for f in TOKENIZER_FILES if (source / f).exists()]
+    if not files:
+        return None
+    target.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        shutil.copy2(f, target / f.name)
+    return target
+
+
+# ----- hf-to-jax -----
+
+def hf_to_jax(input_dir: str, output_dir: str, *, dtype: str | None = None,
+              overwrite: bool = False, progress: bool = True) -> Path:
+    """transformers LLaVA directory -> llava_jax model directory."""
+    input_dir = Path(input_dir)
+    config_json = _read_json(input_dir / "config.json")
+    config = hf_config.from_hf_llava(config_json, str(input_dir / "config.json"))
+    dtype_name, np_dtype = _resolve_dtype(dtype, _torch_dtype_name(config_json))
+    config = config.replace(param_dtype=dtype_name, dtype=dtype_name)
+    reader = TensorReader(input_dir, mapping.canonical_hf_name)
+    specs = _specs(config)
+    _check_names(specs, set(reader.names()), lambda n: f"{reader.source_of(n)}:{n}", str(input_dir))
+    with checkpoint.ModelWriter(output_dir, config, overwrite=overwrite) as writer:
+        _write_params(specs, reader.get, lambda n: f"{reader.source_of(n)}:{n}", writer, np_dtype,
+                      progress)
+        with _tempdir(output_dir) as tmp:
+            return writer.finish(tokenizer_dir=_copy_tokenizer(input_dir, tmp / "tokenizer"))
+
+
+class _tempdir:
+    def __init__(self, near: str):
+        self.path = Path(str(near) + ".tokenizer-tmp")
+
+    def __enter__(self) -> Path:
+        shutil.rmtree(self.path, ignore_errors=True)
+        self.path.mkdir(parents=True)
+        return self.path
+
+    def __exit__(self, *exc):
+        shutil.rmtree(self.path, ignore_errors=True)
+        return False
+
+
+# ----- llava-to-jax -----
+
+def _pad_rows(table: np.ndarray, new_rows: int, seed: int) -> np.ndarray:
+    """Appends rows drawn from N(mean, 1e-5 * cov) of the existing rows, as transformers'
+    LLaVA conversion initialises the added <image>/<pad> embeddings."""
+    if new_rows <= 0:
+        return table
+    base = table.astype(np.float64)
+    mean = base.mean(0)
+    centered = base - mean
+    # x = mean + sqrt(1e-5 / n) * centered^T g, g ~ N(0, I_n) has covariance 1e-5 * cov
+    # exactly, without forming or factorising the [hidden, hidden] covariance.
+    rng = np.random.default_rng(seed)
+    noise = rng.standard_normal((new_rows, base.shape[0]))
+    extra = mean + np.sqrt(1e-5 / base.shape[0]) * (noise @ centered)
+    return np.concatenate([table, extra.astype(table.dtype)], axis=0)
+
+
+def _image_tokenizer(input_dir: Path, target: Path, vocab_size: int):
+    """Copies the LLaMA tokenizer and adds <image> and <pad> as transformers' conversion does.
+
+    Returns (tokenizer dir or None, image_token_index, pad_token_id).
+    """
+    image_index, pad_index = vocab_size, vocab_size + 1
+    if not (input_dir / "tokenizer.json").exists():
+        if (input_dir / "tokenizer.model").exists():
+            log.warning("%s has only a SentencePiece tokenizer.model; the model directory gets no "
+                        "tokenizer (add a tokenizer.json to convert it). <image>=%d, <pad>=%d.",
+                        input_dir, image_index, pad_index)
+        return None, image_index, pad_index
+    from transformers import AddedToken, PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(input_dir))
+    if len(tokenizer) != vocab_size:
+        raise CheckpointError(f"{input_dir}: tokenizer has {len(tokenizer)} tokens but the "
+                              f"embedding table has {vocab_size} rows.")
+    tokenizer.add_tokens([AddedToken("<image>", special=True, normalized=False)])
+    tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    assert tokenizer.convert_tokens_to_ids("<image>") == image_index
+    assert tokenizer.convert_tokens_to_ids("<pad>") == pad_index
+    tokenizer.save_pretrained(str(target))
+    return target, image_index, pad_index
+
+
+def _projector_type_from_names(names: list[str]) -> str:
+    indices = sorted({int(n.split(".")[1].split("_")[1]) for n in names
+                      if n.startswith("multi_modal_projector.linear_")})
+    if not indices:
+        raise CheckpointError("The projector file holds no mm_projector.N.weight tensors.")
+    return "linear" if len(indices) == 1 else f"mlp{len(indices)}x_gelu"
+
+
+def llava_to_jax(input_dir: str, vision_tower_dir: str, output_dir: str, *,
+                 projector: str | None = None, dtype: str | None = None,
+                 vision_feature_layer: int | None = None, image_aspect: str | None = None,
+                 overwrite: bool = False, progress: bool = True, seed: int = 0) -> Path:
+    """Original LLaVA layout (+ separate CLIP) -> llava_jax model directory.
+
+    With `projector` (a stage-1 `mm_projector.bin`), `input_dir` may be a plain
+    Vicuna/LLaMA: the result is a stage-2 starting point.
+    """
+    input_dir, vision_dir = Path(input_dir), Path(vision_tower_dir)
+    config_json = _read_json(input_dir / "config.json")
+    model_type = config_json.get("model_type")
+    if model_type not in ("llava_llama", "llava", "llama"):
+        raise CheckpointError(f"{input_dir / 'config.json'}: model_type {model_type!r} is not an "
+                              "original LLaVA (llava_llama) or LLaMA model.")
+    if model_type == "llava":
+        raise CheckpointError(f"{input_dir} is a transformers LLaVA directory; use `hf-to-jax`.")
+    if model_type == "llama" and projector is None:
+        raise CheckpointError(f"{input_dir} is a plain LLaMA model; pass --projector "
+                              "mm_projector.bin (stage-1 output) to build a LLaVA model from it.")
+    clip_json = _read_json(vision_dir / "config.json")
+
+    llava_reader = TensorReader(input_dir, mapping.canonical_llava_name)
+    readers = [llava_reader, TensorReader(vision_dir, mapping.canonical_clip_name)]
+    if projector is not None:
+        readers.append(TensorReader(projector, mapping.canonical_llava_name))
+    owner: dict[str, TensorReader] = {}
+    for reader in readers:
+        for name in reader.names():
+            if name.startswith("vision_tower.") and reader is llava_reader:
+                continue  # the separate CLIP directory is authoritative for the tower
+            if name.startswith("multi_modal_projector.") and projector is not None and reader is llava_reader:
+                continue  # an explicit projector file wins
+            owner[name] = reader
+    describe = lambda n: f"{owner[n].source_of(n)}:{n}" if n in owner else n
+
+    embed_name = "language_model.model.embed_tokens.weight"
+    if embed_name not in owner:
+        raise CheckpointError(f"{input_dir}: no model.embed_tokens.weight tensor.")
+    old_vocab = owner[embed_name].get(embed_name).shape[0]
+    padded_vocab = -(-(old_vocab + 2) // 64) * 64
+    projector_type = None
+    if projector is not None:
+        projector_type = _projector_type_from_names(
+            [n for n in owner if n.startswith("multi_modal_projector.")])
+    with _tempdir(output_dir) as tmp:
+        tokenizer_dir, image_index, pad_index = _image_tokenizer(input_dir, tmp / "tokenizer", old_vocab)
+        llava_fields = dict(config_json)
+        if vision_feature_layer is not None:
+            llava_fields["mm_vision_select_layer"] = vision_feature_layer
+        elif model_type == "llama":
+            llava_fields.setdefault("mm_vision_select_layer", -2)  # the LLaVA-1.5 recipe
+        if image_aspect is not None:
+            llava_fields["image_aspect_ratio"] = image_aspect
+        elif model_type == "llama":
+            llava_fields.setdefault("image_aspect_ratio", "pad")
+        config = hf_config.from_original_llava(
+            llava_fields, clip_json, vocab_size=padded_vocab, image_token_index=image_index,
+            pad_token_id=pad_index, projector_type=projector_type,
+            source=str(input_dir / "config.json"))
+        dtype_name, np_dtype = _resolve_dtype(dtype, _torch_dtype_name(config_json))
+        config = config.replace(param_dtype=dtype_name, dtype=dtype_name)
+
+        head_name = "language_model.lm_head.weight"
+        padded = {}
+
+        def get_tensor(name: str) -> np.ndarray:
+            if name in (embed_name, head_name):
+                if name not in padded:
+                    source = head_name if head_name in owner else embed_name  # tied -> cloned
+                    table = owner[source].get(source)
+                    padded[name] = _pad_rows(np.asarray(table), padded_vocab - table.shape[0],
+                                             seed + (name == head_name))
+                return padded[name]
+            return owner[name].get(name)
+
+        specs = _specs(config)
+        available = set(owner) | {head_name}
+        _check_names(specs, available, describe, f"{input_dir} + {vision_dir}")
+        with checkpoint.ModelWriter(output_dir, config, overwrite=overwrite) as writer:
+            _write_params(specs, get_tensor, describe, writer, np_dtype, progress)
+            return writer.finish(tokenizer_dir=tokenizer_dir)
+
+
+# ----- jax-to-hf -----
+
+def jax_to_hf(input_dir: str, output_dir: str, *, dtype: str | None = None,
+              overwrite: bool = False, progress: bool = True,
+              max_shard_bytes: int = 2 << 30) -> Path:
+    """llava_jax model directory (or training workdir) -> transformers LLaVA directory."""
+    input_dir, output = Path(input_dir), Path(output_dir)
+    config = checkpoint.read_config(input_dir)
+    dtype_name, np_dtype = _resolve_dtype(dtype, config.param_dtype)
+    hf_json = hf_config.to_hf_llava(config, torch_dtype=dtype_name)
+    if output.exists() and not overwrite:
+        raise FileExistsError(f"{output} already exists; pass --overwrite to replace it.")
+    stage = output.with_name(output.name + ".incomplete")
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    try:
+        stored = checkpoint.stored_param_dtypes(input_dir)
+        specs = _specs(config)
+        writer = ShardedSafetensorsWriter(stage, max_shard_bytes)
+        total = sum(len(spec.torch_names) for spec in specs)
+        with tqdm(total=total, desc="tensors", unit="tensor", disable=not progress) as bar:
+            for spec in specs:
+                array = checkpoint.load_param_leaf(input_dir, spec.path, spec.shape,
+                                                   stored[spec.path])
+                for i, name in enumerate(spec.torch_names):
+                    value = spec.to_torch(array[i] if spec.stacked else array)
+                    writer.add(name, cast(value, np_dtype, name))
+                    bar.update()
+                del array
+        writer.close()
+        (stage / "config.json").write_text(json.dumps(hf_json, indent=2))
+        _write_processor_config(stage, config)
+        tokenizer_dir = input_dir / checkpoint.TOKENIZER_DIR
+        if tokenizer_dir.is_dir():
+            _copy_tokenizer(tokenizer_dir, stage)
+        shutil.rmtree(output, ignore_errors=True)
+        stage.rename(output)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return output
+
+
+def _write_processor_config(directory: Path, config: LlavaConfig) -> None:
+    """CLIPImageProcessor settings, so `LlavaProcessor.from_pretrained` works on the output."""
+    size = config.vision.image_size
+    processor = {
+        "image_processor_type": "CLIPImageProcessor", "do_resize": True,
+        "size": {"shortest_edge": size}, "resample": 3, "do_center_crop": True,
+        "crop_size": {"height": size, "width": size}, "do_rescale": True,
+        "rescale_factor": 1 / 255, "do_normalize": True,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711], "do_convert_rgb": True,
+    }
+    (directory / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))

@@ -1,0 +1,286 @@
+"""Model configuration: plain frozen dataclasses, presets, dict round trip.
+
+A `LlavaConfig` fully describes the architecture (what the weights mean) plus the
+compute knobs that do not change the weights (dtypes, scan, remat). It is stored as JSON
+inside every checkpoint, so a checkpoint is self-describing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+import numpy as np
+
+PROJECTOR_TYPES_HELP = "'linear', 'identity' or 'mlp{N}x_gelu' (e.g. 'mlp2x_gelu')"
+SELECT_STRATEGIES = ("patch", "cls_patch")
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """CLIP ViT vision tower (transformers' `CLIPVisionConfig`)."""
+
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_layers: int = 24
+    num_heads: int = 16
+    image_size: int = 336
+    patch_size: int = 14
+    num_channels: int = 3
+    layer_norm_eps: float = 1e-5
+    hidden_act: str = "quick_gelu"  # CLIP's x * sigmoid(1.702 x)
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+    """LLaMA / Vicuna decoder (transformers' `LlamaConfig`)."""
+
+    vocab_size: int = 32064
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32  # < num_heads: grouped-query attention
+    head_dim: int | None = None  # None: hidden_size // num_heads
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling_factor: float | None = None  # 'linear' rope scaling; None: no scaling
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    hidden_act: str = "silu"
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class LlavaConfig:
+    """The whole LLaVA model: vision tower, projector, decoder, and how they connect."""
+
+    vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
+    text: TextConfig = dataclasses.field(default_factory=TextConfig)
+    projector_type: str = "mlp2x_gelu"
+    projector_bias: bool = True
+    # Which CLIP hidden state feeds the projector: an index into the num_layers + 1 hidden
+    # states (0 = embeddings after pre-layernorm; negative counts from the end), or a tuple
+    # of such indices concatenated on the feature axis (as transformers allows).
+    vision_feature_layer: int | tuple[int, ...] = -2
+    vision_feature_select_strategy: str = "patch"  # 'patch' drops CLS; 'cls_patch' keeps it
+    image_token_index: int = 32000
+    pad_token_id: int | None = 32001
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    image_aspect: str = "pad"  # how images were preprocessed in training: 'pad' or 'square'
+    # Compute knobs: change how the weights are used, never what they are.
+    param_dtype: str = "float32"
+    dtype: str = "float32"  # activations / matmul inputs
+    scan_layers: bool = True  # lax.scan over stacked layers (fast compile) vs an unrolled loop
+    remat_policy: str = "none"
+
+    def __post_init__(self):
+        validate(self)
+
+    # ----- derived quantities -----
+    @property
+    def num_image_tokens(self) -> int:
+        """Placeholder tokens per image: one per patch, plus CLS for 'cls_patch'."""
+        extra = 1 if self.vision_feature_select_strategy == "cls_patch" else 0
+        return self.vision.num_patches + extra
+
+    @property
+    def feature_layers(self) -> tuple[int, ...]:
+        layers = self.vision_feature_layer
+        return tuple(layers) if isinstance(layers, (tuple, list)) else (layers,)
+
+    @property
+    def projector_input_size(self) -> int:
+        return self.vision.hidden_size * len(self.feature_layers)
+
+    @property
+    def projector_depth(self) -> int:
+        """Number of linear layers in the projector (0 for identity)."""
+        return parse_projector_type(self.projector_type)
+
+    def replace(self, **changes) -> "LlavaConfig":
+        """Returns a copy with top-level fields changed; `vision`/`text` take dicts too."""
+        for key in ("vision", "text"):
+            if isinstance(changes.get(key), dict):
+                changes[key] = dataclasses.replace(getattr(self, key), **changes[key])
+        return dataclasses.replace(self, **changes)
+
+    # ----- serialisation -----
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        if isinstance(self.vision_feature_layer, tuple):
+            out["vision_feature_layer"] = list(self.vision_feature_layer)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LlavaConfig":
+        data = dict(data)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(
+                f"Unknown LlavaConfig fields {sorted(unknown)}; known: {sorted(known)}"
+            )
+        vision = VisionConfig(**data.pop("vision", {}))
+        text = TextConfig(**data.pop("text", {}))
+        if isinstance(data.get("vision_feature_layer"), list):
+            data["vision_feature_layer"] = tuple(data["vision_feature_layer"])
+        return cls(vision=vision, text=text, **data)
+
+
+def parse_projector_type(projector_type: str) -> int:
+    if projector_type == "identity":
+        return 0
+    if projector_type == "linear":
+        return 1
+    match = re.fullmatch(r"mlp(\d+)x_gelu", projector_type)
+    if match and int(match.group(1)) >= 1:
+        return int(match.group(1))
+    raise ValueError(
+        f"projector_type={projector_type!r} is not supported; use {PROJECTOR_TYPES_HELP}."
+    )
+
+
+def validate(config: LlavaConfig) -> None:
+    """Raises ValueError naming the field for any inconsistent setting."""
+    vision, text = config.vision, config.text
+    depth = parse_projector_type(config.projector_type)
+    if depth == 0 and config.projector_input_size != text.hidden_size:
+        raise ValueError(
+            f"projector_type='identity' needs vision feature size ({config.projector_input_size}) "
+            f"== text.hidden_size ({text.hidden_size})."
+        )
+    if config.vision_feature_select_strategy not in SELECT_STRATEGIES:
+        raise ValueError(
+            f"vision_feature_select_strategy={config.vision_feature_select_strategy!r}; "
+            f"use one of {SELECT_STRATEGIES}."
+        )
+    if not config.feature_layers:
+        raise ValueError("vision_feature_layer must name at least one layer.")
+    for layer in config.feature_layers:
+        if not -(vision.num_layers + 1) <= layer <= vision.num_layers:
+            raise ValueError(
+                f"vision_feature_layer={layer} is out of range for a {vision.num_layers}-"
+                f"layer tower (valid: {-(vision.num_layers + 1)}..{vision.num_layers})."
+            )
+    if vision.image_size % vision.patch_size:
+        raise ValueError(
+            f"vision.image_size={vision.image_size} is not a multiple of "
+            f"vision.patch_size={vision.patch_size}."
+        )
+    if vision.hidden_size % vision.num_heads:
+        raise ValueError("vision.hidden_size must be divisible by vision.num_heads.")
+    if text.num_heads % text.num_kv_heads:
+        raise ValueError(
+            f"text.num_heads={text.num_heads} must be a multiple of "
+            f"text.num_kv_heads={text.num_kv_heads}."
+        )
+    if text.head_dim is None and text.hidden_size % text.num_heads:
+        raise ValueError("text.hidden_size must be divisible by text.num_heads (or set head_dim).")
+    if text.resolved_head_dim % 2:
+        raise ValueError("text head_dim must be even for rotary embeddings.")
+    if vision.hidden_act != "quick_gelu":
+        raise ValueError(
+            f"vision.hidden_act={vision.hidden_act!r}; only 'quick_gelu' (CLIP) is supported."
+        )
+    if text.hidden_act != "silu":
+        raise ValueError(f"text.hidden_act={text.hidden_act!r}; only 'silu' (LLaMA) is supported.")
+    if not 0 <= config.image_token_index < text.vocab_size:
+        raise ValueError(
+            f"image_token_index={config.image_token_index} is outside the vocabulary "
+            f"(text.vocab_size={text.vocab_size})."
+        )
+    for name in ("param_dtype", "dtype"):
+        if getattr(config, name) not in DTYPES:
+            raise ValueError(f"{name}={getattr(config, name)!r}; use one of {DTYPES}.")
+    if config.remat_policy not in REMAT_POLICIES:
+        raise ValueError(f"remat_policy={config.remat_policy!r}; use one of {REMAT_POLICIES}.")
+    if config.image_aspect not in ("pad", "square"):
+        raise ValueError(f"image_aspect={config.image_aspect!r}; use 'pad' or 'square'.")
+
+
+# ----- presets -----
+
+_CLIP_L_224 = VisionConfig(image_size=224)
+_CLIP_L_336 = VisionConfig(image_size=336)
+_LLAMA_7B = TextConfig()
+_LLAMA_13B = TextConfig(
+    hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40, num_kv_heads=40
+)
+
+PRESETS: dict[str, LlavaConfig] = {
+    # LLaVA v1: Vicuna v1 (LLaMA-1: 2048 positions, eps 1e-6), CLIP-L/14 224 px, linear projector.
+    "llava-v1-7b": LlavaConfig(
+        vision=_CLIP_L_224,
+        projector_type="linear",
+        image_aspect="square",
+        text=dataclasses.replace(_LLAMA_7B, rms_norm_eps=1e-6, max_position_embeddings=2048),
+    ),
+    "llava-v1-13b": LlavaConfig(
+        vision=_CLIP_L_224,
+        projector_type="linear",
+        image_aspect="square",
+        text=dataclasses.replace(_LLAMA_13B, rms_norm_eps=1e-6, max_position_embeddings=2048),
+    ),
+    # LLaVA-1.5: Vicuna v1.5 (Llama 2), CLIP-L/14 336 px, 2-layer GELU MLP projector.
+    "llava-v1.5-7b": LlavaConfig(vision=_CLIP_L_336, text=_LLAMA_7B),
+    "llava-v1.5-13b": LlavaConfig(vision=_CLIP_L_336, text=_LLAMA_13B),
+    # Tests and the CPU demo: every feature of the big models at toy width.
+    "tiny": LlavaConfig(
+        vision=VisionConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_layers=3,
+            num_heads=4,
+            image_size=32,
+            patch_size=8,
+        ),
+        text=TextConfig(
+            vocab_size=512,
+            hidden_size=128,
+            intermediate_size=256,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            max_position_embeddings=1024,
+        ),
+        image_token_index=510,
+        pad_token_id=511,
+    ),
+}
+
+
+def get_preset(name: str, **overrides) -> LlavaConfig:
+    """Returns a preset config by name, with optional top-level overrides."""
+    if name not in PRESETS:
+        raise ValueError(f"Unknown model preset {name!r}; available: {sorted(PRESETS)}.")
+    return PRESETS[name].replace(**overrides)
+
+
+def jnp_dtype(name: str):
+    """Maps a dtype name from the config to a numpy/jax dtype."""
+    import jax.numpy as jnp  # local: keep this module importable without jax
+
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
+
+
+def count_from_shapes(shapes) -> int:
+    """Sum of element counts over an iterable of shapes."""
+    return int(sum(int(np.prod(shape)) for shape in shapes))

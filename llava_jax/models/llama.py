@@ -1,0 +1,204 @@
+"""LLaMA / Vicuna decoder (transformers' `LlamaForCausalLM`) with packing masks and a KV cache.
+
+Attention masking is expressed with two per-token integer arrays:
+  segment_ids [batch, seq]: tokens attend only within their own segment; 0 marks padding
+    (a padding mask is segment ids of 0/1; packed rows use 1..k).
+  positions   [batch, seq]: rotary positions, restarting at 0 for every packed sample.
+The KV cache is a plain pytree (`init_cache`), updated functionally, so prefill and decode
+are ordinary jitted functions.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from llava_jax.models.config import TextConfig
+from llava_jax.models.layers import Dense, RMSNorm, run_stacked, stacked
+
+Array = jax.Array
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: fully masked rows stay NaN-free
+
+
+def rotary_tables(positions: Array, head_dim: int, theta: float,
+                  scaling_factor: float | None) -> tuple[Array, Array]:
+    """positions [batch, seq] -> (cos, sin) [batch, seq, head_dim], float32 (HF layout)."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    if scaling_factor is not None:  # 'linear' scaling: positions are divided by the factor
+        inv_freq = inv_freq / scaling_factor
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rotary(x: Array, cos: Array, sin: Array) -> Array:
+    """x [batch, seq, heads, head_dim]; rotates the two halves (transformers' rotate_half)."""
+    half = x.shape[-1] // 2
+    x32 = x.astype(jnp.float32)
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    out = x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    return out.astype(x.dtype)
+
+
+def attention_mask(q_segments: Array, kv_segments: Array, q_slots: Array, kv_slots: Array) -> Array:
+    """Boolean [batch, 1, q, kv]: causal (by slot), same segment, key not padding."""
+    causal = q_slots[:, :, None] >= kv_slots[:, None, :]
+    same = q_segments[:, :, None] == kv_segments[:, None, :]
+    valid = (kv_segments != 0)[:, None, :]
+    return (causal & same & valid)[:, None]
+
+
+class LlamaAttention(nnx.Module):
+    """Grouped-query attention with rotary embeddings."""
+
+    def __init__(self, config: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        head_dim = config.resolved_head_dim
+        kw = dict(use_bias=config.attention_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = Dense(config.hidden_size, config.num_heads * head_dim, **kw)
+        self.k_proj = Dense(config.hidden_size, config.num_kv_heads * head_dim, **kw)
+        self.v_proj = Dense(config.hidden_size, config.num_kv_heads * head_dim, **kw)
+        self.o_proj = Dense(config.num_heads * head_dim, config.hidden_size, **kw)
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            config.num_heads, config.num_kv_heads, head_dim)
+        self.dtype = dtype
+
+    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array, cache=None,
+                 cache_index=None):
+        """x [b, s, d]; mask [b, 1, s, kv_len]; cache {'k','v': [b, max_len, kv_heads, hd]}.
+
+        Returns (out [b, s, d], new cache or None). With a cache the new keys/values are
+        written at `cache_index` and attention runs over the whole (masked) cache.
+        """
+        batch, seq, _ = x.shape
+        q = self.q_proj(x).reshape(batch, seq, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(batch, seq, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(batch, seq, self.num_kv_heads, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            start = (0, cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
+            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
+            cache = {"k": k, "v": v}
+            k, v = k.astype(self.dtype), v.astype(self.dtype)
+        groups = self.num_heads // self.num_kv_heads
+        q = q.reshape(batch, seq, self.num_kv_heads, groups, self.head_dim)
+        logits = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=jnp.float32)
+        logits = logits * self.head_dim**-0.5
+        logits = jnp.where(mask[:, :, None], logits, MASK_VALUE)  # [b, 1, 1, q, k] broadcast
+        probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v, preferred_element_type=jnp.float32)
+        out = out.astype(self.dtype).reshape(batch, seq, self.num_heads * self.head_dim)
+        return self.o_proj(out), cache
+
+
+class LlamaMLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(use_bias=config.mlp_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = Dense(config.hidden_size, config.intermediate_size, **kw)
+        self.up_proj = Dense(config.hidden_size, config.intermediate_size, **kw)
+        self.down_proj = Dense(config.intermediate_size, config.hidden_size, **kw)
+
+    def __call__(self, x: Array) -> Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nnx.Module):
+    def __init__(self, config: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        norm = dict(eps=config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.input_layernorm = RMSNorm(config.hidden_size, **norm)
+        self.self_attn = LlamaAttention(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, **norm)
+        self.mlp = LlamaMLP(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
+        attn, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_index)
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x)), cache
+
+
+class LlamaModel(nnx.Module):
+    """Token embeddings -> decoder layers -> final norm -> LM head."""
+
+    def __init__(self, config: TextConfig, *, dtype, param_dtype, scan_layers: bool,
+                 remat_policy: str, rngs: nnx.Rngs):
+        self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dtype,
+                                      param_dtype=param_dtype, rngs=rngs,
+                                      embedding_init=nnx.initializers.normal(stddev=0.02))
+        self.layers = stacked(
+            lambda r: LlamaDecoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=r),
+            config.num_layers, rngs)
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype,
+                            param_dtype=param_dtype)
+        self.lm_head = (None if config.tie_word_embeddings else
+                        Dense(config.hidden_size, config.vocab_size, use_bias=False, dtype=dtype,
+                              param_dtype=param_dtype, rngs=rngs))
+        self.config = config
+        self.scan_layers = scan_layers
+        self.remat_policy = remat_policy
+        self.dtype = dtype
+
+    def embed(self, input_ids: Array) -> Array:
+        """[b, s] int -> [b, s, d] in the compute dtype."""
+        return self.embed_tokens(input_ids).astype(self.dtype)
+
+    def logits(self, hidden: Array) -> Array:
+        """[b, s, d] final-normed hidden -> float32 logits [b, s, vocab]."""
+        if self.lm_head is None:
+            table = self.embed_tokens.embedding[...].astype(self.dtype)
+            return jnp.einsum("bsd,vd->bsv", hidden, table, preferred_element_type=jnp.float32)
+        kernel = self.lm_head.kernel[...].astype(self.dtype)
+        return jnp.einsum("bsd,dv->bsv", hidden, kernel, preferred_element_type=jnp.float32)
+
+    def __call__(self, embeds: Array, positions: Array, segment_ids: Array, *, cache=None,
+                 cache_index=None, return_hidden: bool = False):
+        """Runs the decoder on input embeddings.
+
+        Args:
+          embeds: [b, s, d] token (and image) embeddings.
+          positions: [b, s] rotary positions.
+          segment_ids: [b, s] ints; 0 = padding, equal ids attend to each other (causally).
+          cache: None, or `init_cache(...)` output; then tokens go at slots
+            cache_index .. cache_index + s and attend over all earlier cached slots.
+          return_hidden: return the final-normed hidden state [b, s, d] instead of logits.
+        Returns:
+          logits float32 [b, s, vocab] (or hidden), and the updated cache when one was given.
+        """
+        config = self.config
+        cos, sin = rotary_tables(positions, config.resolved_head_dim, config.rope_theta,
+                                 config.rope_scaling_factor)
+        batch, seq = segment_ids.shape
+        q_slots = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+        if cache is None:
+            mask = attention_mask(segment_ids, segment_ids, q_slots, q_slots)
+            kv_cache = None
+        else:
+            q_slots = q_slots + cache_index
+            kv_segments = jax.lax.dynamic_update_slice(
+                cache["segment_ids"], segment_ids.astype(jnp.int32), (0, cache_index))
+            kv_slots = jnp.broadcast_to(
+                jnp.arange(kv_segments.shape[1], dtype=jnp.int32), kv_segments.shape)
+            mask = attention_mask(segment_ids, kv_segments, q_slots, kv_slots)
+            kv_cache = {"k": cache["k"], "v": cache["v"]}
+
+        def body(layer, h, layer_cache):
+            return layer(h, cos, sin, mask, layer_cache, cache_index)
+
+        hidden, new_kv = run_stacked(self.layers, embeds, body, scan=self.scan_layers,
+                                     policy_name=self.remat_policy, xs=kv_cache)
+        hidden = self.norm(hidden)
+        out = hidden if return_hidden else self.logits(hidden)
+        if cache is None:
+            return out
+        return out, {"k": new_kv["k"], "v": new_kv["v"], "segment_ids": kv_segments}
+
+    def init_cache(self, batch: int, max_length: int, dtype=None) -> dict:
+        """An empty KV cache: k, v [layers, b, max_length, kv_heads, head_dim]; segment_ids [b, max_length]."""
+        config = self.config
+        shape = (config.num_layers, batch, max_length, config.num_kv_heads,
+                 config.resolved_head_dim)
+        dtype = dtype or self.dtype
+        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+                "segment_ids": jnp.zeros((batch, max_length), jnp.int32)}
