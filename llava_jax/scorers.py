@@ -553,7 +553,8 @@ def exact_match_accuracy(preds: Sequence[str], refs: Sequence[str]) -> dict[str,
     if not refs:
         raise ValueError("No references: nothing to score.")
     num_correct = sum(
-        normalize_short_answer(pred) == normalize_short_answer(ref) for pred, ref in zip(preds, refs)
+        normalize_short_answer(pred) == normalize_short_answer(ref)
+        for pred, ref in zip(preds, refs)
     )
     return {
         "accuracy": num_correct / len(refs),
