@@ -114,7 +114,7 @@ def save_model(model, output: str | os.PathLike, *, tokenizer=None, overwrite: b
     """Writes an in-memory LlavaModel (and optionally its tokenizer) as a model directory."""
     from flax import nnx
 
-    params = jax.tree.map(np.asarray, nnx.state(model, nnx.Param).to_pure_dict())
+    params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     with ModelWriter(output, model.config, overwrite=overwrite) as writer:
         writer.add_tree(params)
         return writer.finish(tokenizer=tokenizer)
@@ -256,7 +256,7 @@ def load_pretrained(path: str | os.PathLike, dtype: str | None = None, *,
     graphdef, abstract_state = nnx.split(abstract)
     abstract_params = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, jnp_dtype(config.param_dtype)),
-        nnx.state(abstract, nnx.Param).to_pure_dict())
+        nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
     params = load_params(path, abstract_params, step=step)
     nnx.replace_by_pure_dict(abstract_state, jax.tree.map(jax.numpy.asarray, params))
     model = nnx.merge(graphdef, abstract_state)

@@ -94,7 +94,7 @@ def param_specs(config: LlavaConfig, param_shapes: dict[str, tuple[int, ...]]) -
     specs = []
     for path, shape in param_shapes.items():
         prefix, rest, stacked = _torch_prefix(path)
-        if path.startswith("vision_tower/") and not stacked and "/" not in rest:
+        if prefix == "vision_tower.vision_model.embeddings.":
             # Embedding-level tensors of CLIP.
             name = {"class_embedding": "class_embedding",
                     "patch_embedding": "patch_embedding.weight",
@@ -124,7 +124,7 @@ def flatten_params(model) -> dict:
     import jax
     from flax import nnx
 
-    pure = nnx.state(model, nnx.Param).to_pure_dict()
+    pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     flat = {}
     for key_path, leaf in jax.tree_util.tree_flatten_with_path(pure)[0]:
         flat["/".join(str(getattr(k, "key", k)) for k in key_path)] = leaf
@@ -162,6 +162,9 @@ def canonical_hf_name(name: str) -> str | None:
             return new + name[len(old):]
     if name == "lm_head.weight":
         return "language_model.lm_head.weight"
+    if name.startswith("vision_tower.") and not name.startswith("vision_tower.vision_model."):
+        # transformers 5 writes CLIP without the `vision_model.` level.
+        return "vision_tower.vision_model." + name[len("vision_tower."):]
     return name
 
 
@@ -191,3 +194,15 @@ def canonical_clip_name(name: str) -> str | None:
     if name.startswith("vision_model."):
         return "vision_tower." + name
     return name
+
+
+def torch_tensors(model) -> dict[str, np.ndarray]:
+    """An in-memory LlavaModel -> {canonical torch name: array} (for tests and small models)."""
+    flat = {path: np.asarray(value) for path, value in flatten_params(model).items()}
+    specs = param_specs(model.config, {path: value.shape for path, value in flat.items()})
+    out = {}
+    for spec in specs:
+        array = flat[spec.path]
+        for i, name in enumerate(spec.torch_names):
+            out[name] = spec.to_torch(array[i] if spec.stacked else array)
+    return out
