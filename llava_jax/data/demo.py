@@ -222,7 +222,12 @@ def build_tokenizer(corpus: list[str], output_dir: str, vocab_size: int = 1024) 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True))
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    # Words start at "▁" (SentencePiece style) and "\n" stands alone, so no merge crosses a
+    # line break (Llama's vocabulary has no such pieces either).
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always"),
+        pre_tokenizers.Split("\n", behavior="isolated"),
+    ])
     tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
     alphabet = sorted(set("".join(corpus)) | set(" abcdefghijklmnopqrstuvwxyz"
                                                    "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,:;?!'\"-\n"))
