@@ -1,0 +1,96 @@
+"""Demo data: deterministic, answers determined by the image, tokenizable without skips."""
+
+import collections
+import hashlib
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from llava_jax.data import TokenizationError, demo, tokenize_conversation
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    return demo.prepare(str(tmp_path_factory.mktemp("demo") / "cache"))
+
+
+def digest(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def test_generation_is_deterministic_and_cached(prepared, tmp_path):
+    again = demo.prepare(str(tmp_path / "other"))
+    for key in ("stage1_json", "stage2_json", "eval_file"):
+        assert digest(prepared[key]) == digest(again[key])
+    tokenizer_json = lambda info: os.path.join(info["tokenizer_dir"], "tokenizer.json")  # noqa: E731
+    assert digest(tokenizer_json(prepared)) == digest(tokenizer_json(again))
+    for name in ("s1_00000.png", "s2_01234.png", "ev_00399.png"):
+        assert digest(os.path.join(prepared["image_root"], name)) == digest(os.path.join(again["image_root"], name))
+    stamp = os.path.getmtime(prepared["stage2_json"])
+    assert demo.prepare(os.path.dirname(prepared["stage2_json"])) == prepared  # cached: no rewrite
+    assert os.path.getmtime(prepared["stage2_json"]) == stamp
+
+
+def test_formats_and_sizes(prepared):
+    stage1 = json.load(open(prepared["stage1_json"]))
+    stage2 = json.load(open(prepared["stage2_json"]))
+    evaluation = [json.loads(line) for line in open(prepared["eval_file"])]
+    assert len(stage1) == prepared["num_stage1"] and len(stage2) == prepared["num_stage2"] <= 5000
+    assert all(len(r["conversations"]) == 2 and "<image>" in r["conversations"][0]["value"] for r in stage1)
+    text_only = [r for r in stage2 if "image" not in r]
+    assert 0.02 < len(text_only) / len(stage2) < 0.1
+    assert any(len(r["conversations"]) >= 6 for r in stage2)  # multi-turn
+    for record in stage2:
+        for turn in record["conversations"][0::2]:
+            text = turn["value"].replace("\n<image>", "")  # the image tag may follow the question
+            assert text.endswith("\nAnswer the question using a single word or phrase.")
+        for turn in record["conversations"][1::2]:
+            assert len(turn["value"].split()) == 1
+    train_images = {r.get("image") for r in stage1 + stage2}
+    assert not train_images & {line["image"] for line in evaluation}  # held out
+    assert {"question_id", "image", "text", "answer", "category"} <= set(evaluation[0])
+    assert "<image>" not in evaluation[0]["text"]
+    # Guessing the most common answer of a category is far from 90%.
+    for category in ("color", "shape", "count", "position"):
+        answers = collections.Counter(line["answer"] for line in evaluation if line["category"] == category)
+        assert max(answers.values()) / sum(answers.values()) < 0.45
+
+
+def test_answers_can_be_read_off_the_image(prepared):
+    from skimage.measure import label
+
+    for line in [json.loads(line) for line in open(prepared["eval_file"])][:80]:
+        pixels = np.asarray(Image.open(os.path.join(prepared["image_root"], line["image"])).convert("RGB"))
+        assert pixels.shape == (64, 64, 3)
+        foreground = np.abs(pixels.astype(int) - demo.BACKGROUND).sum(-1) > 60
+        if line["category"] == "color":
+            mean = pixels[foreground].mean(0)
+            nearest = min(demo.COLORS, key=lambda c: np.abs(np.subtract(demo.COLORS[c], mean)).sum())
+            assert nearest == line["answer"]
+        elif line["category"] == "count":
+            assert label(foreground).max() == demo.COUNT_WORDS.index(line["answer"]) + 1
+        elif line["category"] == "position":
+            ys, xs = np.nonzero(foreground)
+            dx, dy = xs.mean() - 31.5, ys.mean() - 31.5
+            side = ("right" if dx > 0 else "left") if abs(dx) > abs(dy) else ("bottom" if dy > 0 else "top")
+            assert side == line["answer"]
+
+
+def test_demo_tokenizer_and_no_skips(prepared):
+    tokenizer = demo.load_tokenizer(prepared["tokenizer_dir"])
+    assert [tokenizer.unk_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id] == [0, 1, 2]
+    image_id, pad_id = tokenizer.convert_tokens_to_ids(["<image>", "<pad>"])
+    assert (image_id, pad_id) == (len(tokenizer) - 2, len(tokenizer) - 1) and tokenizer.pad_token_id == pad_id
+    assert tokenizer("a red circle")["input_ids"][0] == 1
+    for name, key in (("plain", "stage1_json"), ("vicuna_v1", "stage2_json")):
+        for record in json.load(open(prepared[key])):
+            try:
+                out = tokenize_conversation(record["conversations"], tokenizer, name, 16, image_id, None)
+            except TokenizationError as error:
+                pytest.fail(f"{record['id']} skipped under {name}: {error}")
+            answers = [t["value"] for t in record["conversations"][1::2]]
+            trained = tokenizer.decode(out["labels"][out["labels"] != -100])
+            assert all(answer in trained for answer in answers)
