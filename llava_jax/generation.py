@@ -1,0 +1,433 @@
+"""Batched autoregressive generation with a KV cache: `llava_jax.generate` and `stream`.
+
+How a batch is laid out. Prompts of different lengths arrive padded (left or right, any
+pattern: `attention_mask` says which tokens are real). We move every row's real tokens to the
+right end of a buffer whose length is rounded up to a multiple of `PROMPT_BUCKET` (left
+padding), so that
+
+  * the last prompt token of every row sits in the same slot: one prefill, then every decode
+    step writes all rows at the same cache slot (one `dynamic_update_slice`, no scatter);
+  * padding carries segment id 0, which the model never attends to, and rotary positions are
+    counted over real tokens only (`cumsum(mask) - 1`), so a padded row computes exactly what
+    it would alone;
+  * prompts of nearby lengths share one compiled program: compilation happens once per
+    (batch, prompt bucket, max_new_tokens, sampling mode).
+
+`generate` runs prefill and the whole decode loop (`lax.while_loop`, exiting as soon as
+every row has stopped) in one jitted call, so a step costs no Python dispatch. `stream` runs
+the same prefill and a jitted single decode step from Python, yielding each step's tokens
+(the chat CLI prints them as they come).
+
+Stopping: a row stops after emitting an EOS id or completing a stop token sequence; the
+stopping token(s) are part of the output and every later position holds the pad id
+(`pad_token_id`, default the model config's, else the first EOS id), as transformers does.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+PROMPT_BUCKET = 32  # prompt lengths are rounded up to a multiple of this (left padding)
+_NO_TOKEN = -1  # filler in the stop-sequence window: never equals a real token id
+
+
+# ----------------------------------------------------------------------------------------------
+# Host-side preparation
+
+
+def left_align(input_ids: np.ndarray, attention_mask: np.ndarray | None, bucket: int,
+               fill_id: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Moves every row's real tokens to the right end of a bucketed buffer.
+
+    Args:
+      input_ids: int [b, s]; attention_mask: [b, s], 1 for real tokens (None: all real).
+      bucket: the buffer length is the longest real row rounded up to a multiple of this.
+      fill_id: id written into padding (never attended; must not be the image id).
+    Returns:
+      ids int32 [b, L], mask int32 [b, L] (0 = padding, on the left), lengths int32 [b].
+    """
+    input_ids = np.asarray(input_ids)
+    mask = (np.ones(input_ids.shape, bool) if attention_mask is None
+            else np.asarray(attention_mask).astype(bool))
+    if mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {input_ids.shape}.")
+    lengths = mask.sum(axis=1).astype(np.int32)
+    if (lengths == 0).any():
+        raise ValueError(f"rows {np.flatnonzero(lengths == 0).tolist()} have no real token "
+                         "(attention_mask all 0): every prompt needs at least one token.")
+    total = -(-int(lengths.max()) // bucket) * bucket
+    ids = np.full((input_ids.shape[0], total), fill_id, np.int32)
+    out_mask = np.zeros((input_ids.shape[0], total), np.int32)
+    for row in range(input_ids.shape[0]):
+        ids[row, total - lengths[row]:] = input_ids[row][mask[row]]
+        out_mask[row, total - lengths[row]:] = 1
+    return ids, out_mask, lengths
+
+
+def _eos_ids(model, eos_token_id) -> np.ndarray:
+    if eos_token_id is None:
+        eos_token_id = model.config.eos_token_id
+    if eos_token_id is None:
+        return np.full((1,), _NO_TOKEN, np.int32)
+    ids = [eos_token_id] if np.isscalar(eos_token_id) else list(eos_token_id)
+    return np.asarray(ids or [_NO_TOKEN], np.int32)
+
+
+def stop_sequences_from_strings(stop_strings: Sequence[str], tokenizer) -> list[list[int]]:
+    """Token sequences for stop strings, for the in-loop check.
+
+    A string's ids depend on its context (a BPE merge with the text before it), so this catches
+    the usual spelling only; `generate` additionally cuts the decoded text at the first stop
+    string, which catches every spelling.
+    """
+    sequences = []
+    for text in stop_strings:
+        if not text:
+            continue
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        if ids:
+            sequences.append(list(ids))
+    return sequences
+
+
+def _stop_arrays(sequences: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Right-aligned stop sequences int32 [n, width] and which entries count bool [n, width]."""
+    sequences = [list(s) for s in sequences if len(s)]
+    if not sequences:
+        return np.full((1, 1), _NO_TOKEN, np.int32), np.ones((1, 1), bool)
+    width = max(len(s) for s in sequences)
+    tokens = np.full((len(sequences), width), _NO_TOKEN, np.int32)
+    valid = np.zeros((len(sequences), width), bool)
+    for index, sequence in enumerate(sequences):
+        tokens[index, width - len(sequence):] = sequence
+        valid[index, width - len(sequence):] = True
+    return tokens, valid
+
+
+def _validate_images(model, ids: np.ndarray, mask: np.ndarray, pixel_values, image_mask) -> None:
+    """Each row must hold exactly num_image_tokens placeholders per real image."""
+    config = model.config
+    placeholders = ((ids == config.image_token_index) & (mask == 1)).sum(axis=1)
+    if pixel_values is None:
+        images = np.zeros(ids.shape[0], np.int64)
+    else:
+        shape = tuple(pixel_values.shape)
+        size = config.vision.image_size
+        if len(shape) != 5 or shape[0] != ids.shape[0] or shape[2:] != (size, size, 3):
+            raise ValueError(f"pixel_values must be float32 [batch={ids.shape[0]}, images, {size}, "
+                             f"{size}, 3] (channels last); got shape {shape}.")
+        images = (np.full(ids.shape[0], shape[1]) if image_mask is None
+                  else np.asarray(image_mask).astype(bool).sum(axis=1))
+    expected = images * config.num_image_tokens
+    bad = np.flatnonzero(placeholders != expected)
+    if bad.size:
+        row = int(bad[0])
+        raise ValueError(
+            f"row {row} has {int(placeholders[row])} image placeholder ids "
+            f"({config.image_token_index}) but {int(images[row])} image(s) x "
+            f"{config.num_image_tokens} tokens = {int(expected[row])} expected; expand each "
+            "<image> into num_image_tokens placeholder ids and pass one image per <image>.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Device-side pieces (all traced inside jit)
+
+
+def _sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array, *,
+            greedy: bool, top_k: int, use_top_p: bool) -> jax.Array:
+    """Next token ids int32 [b] from float32 logits [b, vocab].
+
+    Order as in transformers: temperature, then top-k, then top-p (nucleus: keep the smallest
+    set of most likely tokens whose mass reaches top_p, always at least the top token).
+    """
+    if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    if top_k > 0:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if use_top_p:
+        descending = -jnp.sort(-logits, axis=-1)
+        probs = jax.nn.softmax(descending, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        keep = mass_before < top_p
+        threshold = jnp.min(jnp.where(keep, descending, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < threshold, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def _prefill(model, ids, mask, pixel_values, image_mask, cache_length):
+    """Runs the bucketed, left-padded prompt; returns last-token logits [b, V] and the cache."""
+    batch = ids.shape[0]
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
+    cache = model.init_cache(batch, cache_length)
+    hidden, cache = model(ids, pixel_values, segment_ids=mask, positions=positions,
+                          image_mask=image_mask, cache=cache, cache_index=0, return_hidden=True)
+    # Left alignment puts every row's last real token in the last slot: project only that one.
+    logits = model.language_model.logits(hidden[:, -1:])[:, 0]
+    return logits, cache
+
+
+def _decode(model, token, cache, slot, position):
+    """One step: token int32 [b] at cache `slot`, rotary `position` [b] -> logits [b, V]."""
+    batch = token.shape[0]
+    logits, cache = model(token[:, None], segment_ids=jnp.ones((batch, 1), jnp.int32),
+                          positions=position[:, None], cache=cache, cache_index=slot)
+    return logits[:, 0], cache
+
+
+def _finished(token, window, eos_ids, stop_tokens, stop_valid):
+    """bool [b]: the token is an EOS id, or the window (last tokens, [b, width]) ends with a
+    stop sequence."""
+    is_eos = (token[:, None] == eos_ids[None, :]).any(axis=1)
+    width = stop_tokens.shape[1]
+    tail = window[:, -width:]
+    matches = ((tail[:, None, :] == stop_tokens[None]) | ~stop_valid[None]).all(axis=2)
+    return is_eos | matches.any(axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "top_k",
+                                             "use_top_p"))
+def _generate_jit(graphdef, state, ids, mask, pixel_values, image_mask, lengths, key, temperature,
+                  top_p, eos_ids, stop_tokens, stop_valid, pad_id, *, max_new_tokens, greedy,
+                  top_k, use_top_p):
+    """Prefill + while_loop decode. Returns (tokens int32 [b, max_new_tokens], steps)."""
+    model = nnx.merge(graphdef, state)
+    batch, prompt_length = ids.shape
+    width = stop_tokens.shape[1]
+    sample = functools.partial(_sample, temperature=temperature, top_p=top_p, greedy=greedy,
+                               top_k=top_k, use_top_p=use_top_p)
+    logits, cache = _prefill(model, ids, mask, pixel_values, image_mask,
+                             prompt_length + max_new_tokens)
+    # Output buffer with `width` filler columns in front, so the stop window is one slice.
+    buffer = jnp.full((batch, width + max_new_tokens), _NO_TOKEN, jnp.int32)
+
+    def emit(step, token, buffer, done):
+        token = jnp.where(done, pad_id, token)
+        buffer = jax.lax.dynamic_update_slice(buffer, token[:, None], (0, width + step))
+        window = jax.lax.dynamic_slice(buffer, (0, step + 1), (batch, width))
+        done = done | _finished(token, window, eos_ids, stop_tokens, stop_valid)
+        return token, buffer, done
+
+    token = sample(logits, jax.random.fold_in(key, 0))
+    token, buffer, done = emit(0, token, buffer, jnp.zeros((batch,), bool))
+
+    def cond(carry):
+        step, _, _, done, _ = carry
+        return (step < max_new_tokens) & ~done.all()
+
+    def body(carry):
+        step, token, buffer, done, cache = carry
+        # The previous token goes at slot prompt_length + step - 1, position length + step - 1.
+        logits, cache = _decode(model, token, cache, prompt_length + step - 1, lengths + step - 1)
+        token = sample(logits, jax.random.fold_in(key, step))
+        token, buffer, done = emit(step, token, buffer, done)
+        return step + 1, token, buffer, done, cache
+
+    steps, _, buffer, _, _ = jax.lax.while_loop(cond, body, (1, token, buffer, done, cache))
+    return buffer[:, width:], steps
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_length", "greedy", "top_k",
+                                             "use_top_p"))
+def _prefill_jit(graphdef, state, ids, mask, pixel_values, image_mask, key, temperature, top_p, *,
+                 cache_length, greedy, top_k, use_top_p):
+    model = nnx.merge(graphdef, state)
+    logits, cache = _prefill(model, ids, mask, pixel_values, image_mask, cache_length)
+    token = _sample(logits, jax.random.fold_in(key, 0), temperature, top_p, greedy=greedy,
+                    top_k=top_k, use_top_p=use_top_p)
+    return token, cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "greedy", "top_k", "use_top_p"),
+                   donate_argnames=("cache",))
+def _step_jit(graphdef, state, token, cache, slot, position, key, step, temperature, top_p, *,
+              greedy, top_k, use_top_p):
+    model = nnx.merge(graphdef, state)
+    logits, cache = _decode(model, token, cache, slot, position)
+    token = _sample(logits, jax.random.fold_in(key, step), temperature, top_p, greedy=greedy,
+                    top_k=top_k, use_top_p=use_top_p)
+    return token, cache
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+
+
+class _Prepared:
+    """Validated, left-aligned inputs and sampling settings shared by generate and stream."""
+
+    def __init__(self, model, input_ids, pixel_values, attention_mask, image_mask, *,
+                 max_new_tokens, temperature, top_p, top_k, eos_token_id, pad_token_id, seed,
+                 stop_token_ids, stop_strings, tokenizer, bucket):
+        config = model.config
+        input_ids = np.asarray(input_ids)
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be int [batch, seq]; got shape {input_ids.shape}.")
+        if int(max_new_tokens) < 1:
+            raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}.")
+        if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+            raise ValueError("need temperature >= 0, 0 < top_p <= 1 and top_k >= 0; got "
+                             f"temperature={temperature}, top_p={top_p}, top_k={top_k}.")
+        if stop_strings and tokenizer is None:
+            raise ValueError("stop_strings need a tokenizer to decode the generated text.")
+        fill = 0 if config.image_token_index != 0 else 1
+        self.ids, self.mask, self.lengths = left_align(input_ids, attention_mask, bucket, fill)
+        _validate_images(model, self.ids, self.mask, pixel_values, image_mask)
+        limit = config.text.max_position_embeddings
+        if int(self.lengths.max()) + max_new_tokens > limit:
+            raise ValueError(
+                f"prompt ({int(self.lengths.max())} tokens) + max_new_tokens ({max_new_tokens}) "
+                f"exceeds the model's max_position_embeddings ({limit}); shorten the prompt or "
+                "lower max_new_tokens.")
+        self.pixel_values = None if pixel_values is None else jnp.asarray(pixel_values, jnp.float32)
+        self.image_mask = None if image_mask is None else jnp.asarray(image_mask, bool)
+        self.max_new_tokens = int(max_new_tokens)
+        self.eos_ids = _eos_ids(model, eos_token_id)
+        if pad_token_id is None:
+            pad_token_id = config.pad_token_id
+        if pad_token_id is None:
+            pad_token_id = int(self.eos_ids[0]) if self.eos_ids[0] >= 0 else 0
+        self.pad_id = int(pad_token_id)
+        self.stop_strings = [s for s in (stop_strings or ()) if s]
+        self.tokenizer = tokenizer
+        sequences = list(stop_token_ids or ())
+        if self.stop_strings:
+            sequences += stop_sequences_from_strings(self.stop_strings, tokenizer)
+        self.stop_tokens, self.stop_valid = _stop_arrays(sequences)
+        # Greedy at temperature 0 (as transformers' do_sample=False); sampling otherwise.
+        self.statics = dict(greedy=temperature == 0, top_k=int(top_k),
+                            use_top_p=temperature > 0 and top_p < 1)
+        self.temperature = jnp.float32(temperature if temperature > 0 else 1.0)
+        self.top_p = jnp.float32(top_p)
+        self.key = jax.random.key(seed)
+
+    def cut_at_stop_strings(self, tokens: np.ndarray) -> np.ndarray:
+        """Pads every row after the token that completes its first stop string."""
+        if not self.stop_strings:
+            return tokens
+        tokens = tokens.copy()
+        for row in range(tokens.shape[0]):
+            end = stop_string_end(tokens[row], self.stop_strings, self.tokenizer)
+            if end is not None:
+                tokens[row, end:] = self.pad_id
+        return tokens
+
+
+def stop_string_end(tokens: Sequence[int], stop_strings: Sequence[str], tokenizer) -> int | None:
+    """Smallest n such that decode(tokens[:n]) contains a stop string, or None.
+
+    Decoding a prefix gives a prefix of the text, so containment grows with n: binary search.
+    """
+    def contains(n: int) -> bool:
+        text = tokenizer.decode([int(t) for t in tokens[:n]], skip_special_tokens=False)
+        return any(s in text for s in stop_strings)
+
+    if not len(tokens) or not contains(len(tokens)):
+        return None
+    low, high = 1, len(tokens)
+    while low < high:
+        middle = (low + high) // 2
+        if contains(middle):
+            high = middle
+        else:
+            low = middle + 1
+    return low
+
+
+def generate(model, input_ids, pixel_values=None, *, max_new_tokens: int,
+             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+             eos_token_id: int | Sequence[int] | None = None, attention_mask=None, seed: int = 0,
+             image_mask=None, pad_token_id: int | None = None,
+             stop_token_ids: Sequence[Sequence[int]] | None = None,
+             stop_strings: Sequence[str] | None = None, tokenizer=None,
+             bucket: int = PROMPT_BUCKET) -> np.ndarray:
+    """Generates up to `max_new_tokens` tokens for each prompt of a batch.
+
+    Args:
+      model: a LlavaModel (e.g. `load_pretrained(...).model`).
+      input_ids: int [batch, seq] prompts, each image as `num_image_tokens` copies of
+        `config.image_token_index` (see `data.tokenize_generation_prompt`).
+      pixel_values: float32 [batch, images, H, W, 3] (channels last, CLIP-normalized) or None.
+      max_new_tokens: upper bound on generated tokens per row.
+      temperature: 0 = greedy (argmax, as transformers' do_sample=False); > 0 samples.
+      top_p, top_k: nucleus / top-k filtering when sampling (1.0 / 0 = off).
+      eos_token_id: id or ids that end a row (default: model.config.eos_token_id).
+      attention_mask: [batch, seq], 1 for real tokens; left or right padding (any pattern).
+      seed: sampling seed; the same seed, batch and settings give the same tokens.
+      image_mask: bool [batch, images], which image slots are real (default: all).
+      pad_token_id: written after a row stops (default: config.pad_token_id, else EOS).
+      stop_token_ids: token sequences that end a row (e.g. the template's stop string ids).
+      stop_strings, tokenizer: end a row once its decoded text contains one of the strings.
+      bucket: prompts are left-padded to a multiple of this (fewer recompilations).
+    Returns:
+      np.int32 [batch, n] new tokens only, n <= max_new_tokens (the longest row). A row that
+      stopped early ends with its EOS / stop tokens followed by `pad_token_id`.
+    """
+    prepared = _Prepared(model, input_ids, pixel_values, attention_mask, image_mask,
+                         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                         top_k=top_k, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                         seed=seed, stop_token_ids=stop_token_ids, stop_strings=stop_strings,
+                         tokenizer=tokenizer, bucket=bucket)
+    graphdef, state = nnx.split(model)
+    p = prepared
+    tokens, steps = _generate_jit(
+        graphdef, state, p.ids, p.mask, p.pixel_values, p.image_mask, p.lengths, p.key,
+        p.temperature, p.top_p, p.eos_ids, p.stop_tokens, p.stop_valid, np.int32(p.pad_id),
+        max_new_tokens=p.max_new_tokens, **p.statics)
+    tokens = np.asarray(tokens)[:, :int(steps)]
+    return p.cut_at_stop_strings(tokens)
+
+
+def stream(model, input_ids, pixel_values=None, *, max_new_tokens: int,
+           temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+           eos_token_id: int | Sequence[int] | None = None, attention_mask=None, seed: int = 0,
+           image_mask=None, pad_token_id: int | None = None,
+           stop_token_ids: Sequence[Sequence[int]] | None = None,
+           stop_strings: Sequence[str] | None = None, tokenizer=None,
+           bucket: int = PROMPT_BUCKET) -> Iterator[np.ndarray]:
+    """Like `generate`, but yields each step's tokens np.int32 [batch] as soon as they exist.
+
+    Rows that have stopped yield `pad_token_id`. Stop strings are checked on the decoded text
+    after every step, so the stream ends with the token that completes the stop string. With
+    the same arguments the concatenated stream equals `generate`'s output.
+    """
+    p = _Prepared(model, input_ids, pixel_values, attention_mask, image_mask,
+                  max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                  top_k=top_k, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                  seed=seed, stop_token_ids=stop_token_ids, stop_strings=stop_strings,
+                  tokenizer=tokenizer, bucket=bucket)
+    graphdef, state = nnx.split(model)
+    batch, prompt_length = p.ids.shape
+    token, cache = _prefill_jit(graphdef, state, p.ids, p.mask, p.pixel_values, p.image_mask,
+                                p.key, p.temperature, p.top_p,
+                                cache_length=prompt_length + p.max_new_tokens, **p.statics)
+    done = np.zeros(batch, bool)
+    width = p.stop_tokens.shape[1]
+    history = np.full((batch, width + p.max_new_tokens), _NO_TOKEN, np.int32)
+    lengths = jnp.asarray(p.lengths)
+    for step in range(p.max_new_tokens):
+        if step:
+            token, cache = _step_jit(graphdef, state, token, cache, prompt_length + step - 1,
+                                     lengths + step - 1, p.key, step, p.temperature, p.top_p,
+                                     **p.statics)
+        emitted = np.where(done, p.pad_id, np.asarray(token)).astype(np.int32)
+        history[:, width + step] = emitted
+        window = history[:, step + 1: step + 1 + width]
+        done = done | np.asarray(_finished(emitted, window, p.eos_ids, p.stop_tokens,
+                                           p.stop_valid))
+        if p.stop_strings:
+            for row in np.flatnonzero(~done):
+                generated = history[row, width: width + step + 1]
+                text = p.tokenizer.decode(generated.tolist(), skip_special_tokens=False)
+                done[row] = any(s in text for s in p.stop_strings)
+        token = jnp.asarray(emitted)
+        yield emitted
+        if done.all():
+            return
