@@ -268,7 +268,7 @@ def llava_to_jax(input_dir: str, vision_tower_dir: str, output_dir: str, *,
         def get_tensor(name: str) -> np.ndarray:
             if name in (embed_name, head_name):
                 if name not in padded:
-                    source = head_name if head_name in owner else embed_name  # tied -> cloned
+                    source = name if name in owner else embed_name  # tied head -> cloned
                     table = owner[source].get(source)
                     padded[name] = _pad_rows(np.asarray(table), padded_vocab - table.shape[0],
                                              seed + (name == head_name))

@@ -109,8 +109,10 @@ def from_original_llava(config: dict[str, Any], clip_config: dict[str, Any], *,
 
     `vocab_size` is the padded vocabulary after adding `<image>` and `<pad>`.
     """
-    text = text_config_from_llama({**config, "model_type": "llama", "vocab_size": vocab_size},
-                                  source)
+    # A head missing from the checkpoint is cloned from the embeddings (as transformers'
+    # conversion does), so the result is always untied.
+    text = text_config_from_llama({**config, "model_type": "llama", "vocab_size": vocab_size,
+                                   "tie_word_embeddings": False}, source)
     select = config.get("mm_vision_select_feature", "patch")
     if select not in ("patch", "cls_patch"):
         raise ConfigError(f"{source}: mm_vision_select_feature={select!r} is unknown.")

@@ -159,7 +159,8 @@ def canonical_hf_name(name: str) -> str | None:
                      ("model.vision_tower.", "vision_tower."),
                      ("model.multi_modal_projector.", "multi_modal_projector.")):
         if name.startswith(old):
-            return new + name[len(old):]
+            name = new + name[len(old):]
+            break
     if name == "lm_head.weight":
         return "language_model.lm_head.weight"
     if name.startswith("vision_tower.") and not name.startswith("vision_tower.vision_model."):
@@ -193,6 +194,8 @@ def canonical_clip_name(name: str) -> str | None:
         return None
     if name.startswith("vision_model."):
         return "vision_tower." + name
+    if name.split(".")[0] in ("embeddings", "encoder", "pre_layrnorm", "post_layernorm"):
+        return "vision_tower.vision_model." + name  # transformers 5 writes no `vision_model.`
     return name
 
 

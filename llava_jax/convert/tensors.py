@@ -159,7 +159,8 @@ def cast(array: np.ndarray, dtype, name: str) -> np.ndarray:
     dtype = np.dtype(dtype)
     if array.dtype == dtype:
         return array
-    out = array.astype(dtype)
+    with np.errstate(over="ignore"):  # overflow is detected and reported below
+        out = array.astype(dtype)
     if np.issubdtype(dtype, np.floating) or dtype == ml_dtypes.bfloat16:
         src_finite = np.isfinite(array.astype(np.float32))
         if np.any(src_finite & ~np.isfinite(out.astype(np.float32))):
