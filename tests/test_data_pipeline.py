@@ -144,7 +144,7 @@ def test_restore_mid_epoch_continues_with_exactly_the_next_batch(dataset, tokeni
     config = config_for(dataset, worker_count=worker_count, num_epochs=2)
     head, iterator = batches(config, tokenizer, limit=5, seed=1)
     state = json.loads(json.dumps(iterator.get_state()))  # what grain.checkpoint writes
-    assert state["pools"], "the test must resume with samples pooled for packing"
+    assert state["pools"]["pools"], "the test must resume with samples pooled for packing"
     iterator.close()
     fresh = make_dataset(config, tokenizer, num_image_tokens=NUM_IMAGE_TOKENS,
                          image_token_index=tokenizer.convert_tokens_to_ids("<image>"),

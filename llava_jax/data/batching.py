@@ -72,6 +72,7 @@ class Packer:
         self.pool_batches = pool_batches
         self.max_wait = max_wait
         self.pools: dict[str, list[Item]] = {}
+        self._next_attempt: dict[str, int] = {}  # pool tokens at which to try packing again
 
     def bucket_for(self, length: int) -> int:
         return self.buckets[bisect.bisect_left(self.buckets, length)]
@@ -94,15 +95,16 @@ class Packer:
                 return []
             del self.pools[key]
             return [[[member] for member in pool]]
-        if sum(member.length for member in pool) < self.pool_batches * self.batch_size * self.row_length:
+        tokens = sum(member.length for member in pool)
+        if tokens < self._next_attempt.get(key, self.pool_batches * self.batch_size * self.row_length):
             return []
         rows = self._first_fit_decreasing(pool)
-        rows.sort(key=lambda row: (
-            0 if max(member.waited for member in row) >= self.max_wait else 1,  # overdue first
-            -sum(member.length for member in row),
-            min(member.key for member in row),
-        ))
-        emitted = rows[: self.batch_size]
+        emitted = self._choose_rows(rows)
+        if emitted is None:
+            # No bucket has a full batch of rows yet: try again after a batch's worth more tokens.
+            self._next_attempt[key] = tokens + self.batch_size * self.row_length
+            return []
+        self._next_attempt.pop(key, None)
         taken = {member.key for row in emitted for member in row}
         remaining = [member for member in pool if member.key not in taken]
         for member in remaining:
@@ -110,40 +112,73 @@ class Packer:
         self.pools[key] = remaining
         return [emitted]
 
+    def _choose_rows(self, rows: list[list[Item]]) -> list[list[Item]] | None:
+        """B rows to emit: rows holding an overdue sample first; otherwise B rows whose fill
+        needs the same bucket (the largest such bucket), so the batch length wastes little."""
+        fill = lambda row: sum(member.length for member in row)  # noqa: E731
+        first_key = lambda row: min(member.key for member in row)  # noqa: E731
+        overdue = [row for row in rows if max(member.waited for member in row) >= self.max_wait]
+        if overdue:
+            # The oldest overdue row goes out now, with the fullest rows that need no longer a
+            # bucket (widening the bucket only when there are not enough of them).
+            oldest = min(overdue, key=first_key)
+            for bucket in self.buckets[self.buckets.index(self.bucket_for(fill(oldest))):]:
+                fitting = [row for row in rows if fill(row) <= bucket and row is not oldest]
+                if len(fitting) >= self.batch_size - 1 or bucket == self.row_length:
+                    fitting.sort(key=lambda row: (-fill(row), first_key(row)))
+                    return [oldest] + fitting[: self.batch_size - 1]
+        by_bucket: dict[int, list[list[Item]]] = {}
+        for row in rows:
+            by_bucket.setdefault(self.bucket_for(fill(row)), []).append(row)
+        full = [bucket for bucket, group in by_bucket.items() if len(group) >= self.batch_size]
+        if not full:
+            return None
+        group = by_bucket[max(full)]
+        group.sort(key=lambda row: (-fill(row), first_key(row)))
+        return group[: self.batch_size]
+
     def flush(self) -> list[list[list[Item]]]:
         """All pooled items as batches (the last of each pool padded with empty rows)."""
         batches = []
         for key in sorted(self.pools):
             pool = self.pools[key]
             rows = self._first_fit_decreasing(pool) if self.packing else [[m] for m in pool]
+            # Similar fills side by side, so each batch takes a small bucket.
+            rows.sort(key=lambda row: (-sum(m.length for m in row), min(m.key for m in row)))
             for start in range(0, len(rows), self.batch_size):
                 batches.append(rows[start : start + self.batch_size])
         self.pools = {}
+        self._next_attempt = {}
         return batches
 
     def _first_fit_decreasing(self, pool: list[Item]) -> list[list[Item]]:
         rows: list[list[Item]] = []
-        room: list[tuple[int, int]] = []  # (tokens left, image slots left) per row
+        tokens_left = np.empty(len(pool), np.int64)  # at most one row per item
+        images_left = np.empty(len(pool), np.int64)
         for item in sorted(pool, key=lambda member: (-member.length, member.key)):
-            for index, (tokens_left, images_left) in enumerate(room):
-                if item.length <= tokens_left and item.num_images <= images_left:
-                    rows[index].append(item)
-                    room[index] = (tokens_left - item.length, images_left - item.num_images)
-                    break
-            else:
-                rows.append([item])
-                room.append((self.row_length - item.length, self.max_images_per_row - item.num_images))
+            fits = (tokens_left[: len(rows)] >= item.length) & (images_left[: len(rows)] >= item.num_images)
+            index = int(fits.argmax()) if fits.any() else len(rows)
+            if index == len(rows):
+                rows.append([])
+                tokens_left[index], images_left[index] = self.row_length, self.max_images_per_row
+            rows[index].append(item)
+            tokens_left[index] -= item.length
+            images_left[index] -= item.num_images
         # Inside a row keep arrival order (stable; image slots follow it).
         return [sorted(row, key=lambda member: member.key) for row in rows]
 
     # ---- checkpointing ----------------------------------------------------------------------
 
-    def state(self) -> dict[str, list[list[int]]]:
-        return {key: [[m.key, m.waited] for m in pool] for key, pool in self.pools.items()}
+    def state(self) -> dict[str, Any]:
+        return {
+            "pools": {key: [[m.key, m.waited] for m in pool] for key, pool in self.pools.items()},
+            "next_attempt": dict(self._next_attempt),
+        }
 
     def restore(self, state: dict, make_item: Callable[[int], Item]) -> None:
         self.pools = {}
-        for key, members in state.items():
+        self._next_attempt = dict(state["next_attempt"])
+        for key, members in state["pools"].items():
             pool = []
             for sample_key, waited in members:
                 item = make_item(sample_key)
