@@ -431,3 +431,21 @@ def stream(model, input_ids, pixel_values=None, *, max_new_tokens: int,
         yield emitted
         if done.all():
             return
+
+
+def decode_new_tokens(tokens: Sequence[int], tokenizer, *, eos_token_id=None,
+                      stop_strings: Sequence[str] = ()) -> str:
+    """Text of one row of `generate` output, as the original LLaVA scripts report it.
+
+    Cuts at the first EOS id (excluded), decodes without special tokens, cuts the text at the
+    first stop string (the original strips a trailing stop string) and strips whitespace.
+    """
+    eos = set(np.atleast_1d(np.asarray(eos_token_id if eos_token_id is not None
+                                       else tokenizer.eos_token_id)).tolist())
+    ids = [int(t) for t in tokens]
+    cut = next((i for i, t in enumerate(ids) if t in eos), len(ids))
+    text = tokenizer.decode(ids[:cut], skip_special_tokens=True)
+    for stop in stop_strings:
+        if stop and stop in text:
+            text = text[:text.index(stop)]
+    return text.strip()
