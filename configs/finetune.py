@@ -1,0 +1,33 @@
+"""LLaVA-1.5 stage 2 (visual instruction tuning): projector + LLM on llava_v1_5_mix665k.
+
+    python -m llava_jax.train --config=configs/finetune.py:7b --workdir=runs/finetune-7b \
+        --config.model.projector=runs/pretrain-7b
+
+Recipe (scripts/v1_5/finetune.sh): projector + LLM (CLIP frozen), lr 2e-5, global batch 128,
+1 epoch, cosine, warm-up 3 %, no weight decay, 2048 tokens, bf16, gradient checkpointing,
+'pad' images, vicuna_v1 template, batches grouped by modality. model.projector is a stage-1
+workdir, a model dir, or an original mm_projector.bin / .safetensors.
+"""
+
+from llava_jax.trainer import default_config
+
+SIZES = ("7b", "13b")
+
+
+def get_config(arg: str | None = None):
+    size = arg or "7b"
+    if size not in SIZES:
+        raise ValueError(f"configs/finetune.py:{size}: use one of {SIZES}")
+    config = default_config(stage=2)
+    config.model.base_dir = f"models/vicuna-{size}-v1.5-clip336"  # converted LLM + vision tower
+    config.model.projector = f"runs/pretrain-{size}"  # stage-1 output
+    config.data.json_paths = ("data/llava_v1_5_mix665k.json",)
+    config.data.image_roots = ("data",)  # coco/, gqa/, ocr_vqa/, textvqa/, vg/ below it
+    config.data.template = "vicuna_v1"
+    config.data.aspect = "pad"
+    config.data.group_by_modality = True
+    config.data.worker_count = 8
+    config.optim.learning_rate = 2e-5
+    config.optim.global_batch_size = 128
+    config.checkpoint.every_steps = 500
+    return config

@@ -1,0 +1,240 @@
+"""Device mesh, logical axis rules, and global arrays from process-local batches.
+
+Sharding is declared in two steps, as in MaxText:
+
+  parameter path (regex)  ->  logical axes of its trailing dims   (`param_rules`)
+  logical axis            ->  mesh axes                           (`logical_axis_rules`)
+
+e.g. 'language_model/layers/mlp/up_proj/kernel' [layers, embed, mlp] -> (None, 'embed', 'mlp')
+-> PartitionSpec(None, 'fsdp', 'tensor'). Leading dims a rule does not name (the stacked
+[layers] axis) are replicated. The mesh has three axes:
+
+  data    pure data parallelism (parameters replicated)
+  fsdp    data parallelism with parameters, gradients and optimizer state sharded (ZeRO-3)
+  tensor  Megatron-style tensor parallelism over heads / MLP width / vocabulary
+
+Batches are split over (data, fsdp). Activations are left to XLA's sharding propagation
+(axis types Auto): the params' and batch's shardings determine the collectives.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# (regex on the flat parameter path, logical axes of the trailing dims). First match wins.
+DEFAULT_PARAM_RULES = (
+    (r"embed_tokens/embedding$", "vocab,embed"),  # [vocab, d]
+    (r"lm_head/kernel$", "embed,vocab"),  # [d, vocab]
+    (r"self_attn/(q|k|v)_proj/kernel$", "embed,heads"),  # [d, heads * head_dim]
+    (r"self_attn/(o|out)_proj/kernel$", "heads,embed"),
+    (r"self_attn/(q|k|v)_proj/bias$", "heads"),
+    (r"mlp/(gate|up)_proj/kernel$|layers/fc1/kernel$", "embed,mlp"),
+    (r"mlp/down_proj/kernel$|layers/fc2/kernel$", "mlp,embed"),
+    (r"layers/fc1/bias$", "mlp"),
+    (r"multi_modal_projector/linear_\d+/kernel$", "embed,mlp"),
+    (r"patch_embedding$", "_,_,_,embed"),  # [kh, kw, channels, d]
+    (r"position_embedding$", "_,embed"),
+    (r".*", ""),  # norms, other biases, class embedding: replicated (small)
+)
+# logical axis -> mesh axis (or '' for replicated).
+DEFAULT_LOGICAL_AXIS_RULES = (
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+)
+
+
+class MeshConfigError(ValueError):
+    pass
+
+
+# ----- mesh -----
+
+def resolve_mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
+    """Sizes of (data, fsdp, tensor); one of them may be -1 = 'all remaining devices'."""
+    sizes = [int(mesh_config[name]) for name in MESH_AXES]
+    fields = ", ".join(f"mesh.{n}={s}" for n, s in zip(MESH_AXES, sizes))
+    if sum(size == -1 for size in sizes) > 1:
+        raise MeshConfigError(f"At most one of mesh.data/fsdp/tensor may be -1 ({fields}).")
+    for name, size in zip(MESH_AXES, sizes):
+        if size == 0 or size < -1:
+            raise MeshConfigError(f"mesh.{name}={size}: use a positive size or -1 (the rest).")
+    known = math.prod(size for size in sizes if size != -1)
+    if -1 in sizes:
+        if num_devices % known:
+            raise MeshConfigError(f"{fields}: the fixed axes ({known} devices) do not divide the "
+                                  f"{num_devices} devices.")
+        sizes[sizes.index(-1)] = num_devices // known
+    if math.prod(sizes) != num_devices:
+        raise MeshConfigError(f"{fields} needs {math.prod(sizes)} devices but {num_devices} are "
+                              "available; set one axis to -1 to take the rest.")
+    return tuple(sizes)
+
+
+def make_mesh(mesh_config, devices: Sequence[Any] | None = None) -> Mesh:
+    """The (data, fsdp, tensor) mesh over `devices` (default: all devices of all processes)."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = resolve_mesh_shape(mesh_config, len(devices))
+    # Auto axis types: the model has no sharding annotations of its own, so XLA must be free to
+    # propagate shardings through it (Explicit axes would reject the unannotated matmuls).
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
+                         devices=devices)
+
+
+# ----- parameters -----
+
+def _parse_axes(axes: str) -> tuple[str | None, ...]:
+    if not axes:
+        return ()
+    return tuple(None if a.strip() in ("", "_") else a.strip() for a in axes.split(","))
+
+
+def logical_axes(path: str, ndim: int, param_rules=DEFAULT_PARAM_RULES) -> tuple[str | None, ...]:
+    """Logical axis names for each dim of the parameter at `path`."""
+    for pattern, axes in param_rules:
+        if re.search(pattern, path):
+            trailing = _parse_axes(axes)[-ndim:] if ndim else ()
+            return (None,) * (ndim - len(trailing)) + trailing
+    return (None,) * ndim
+
+
+def partition_spec(path: str, shape: Sequence[int], mesh: Mesh, param_rules=DEFAULT_PARAM_RULES,
+                   logical_axis_rules=DEFAULT_LOGICAL_AXIS_RULES) -> P:
+    """PartitionSpec of one parameter; a dim its mesh axis does not divide stays replicated."""
+    to_mesh = {logical: (mesh_axis or None) for logical, mesh_axis in logical_axis_rules}
+    spec, used = [], set()
+    for dim, logical in zip(shape, logical_axes(path, len(shape), param_rules)):
+        mesh_axis = to_mesh.get(logical) if logical else None
+        if mesh_axis is not None and mesh_axis not in MESH_AXES:
+            raise MeshConfigError(f"mesh.logical_axis_rules maps {logical!r} to unknown mesh axis "
+                                  f"{mesh_axis!r}; use one of {MESH_AXES}.")
+        size = mesh.shape[mesh_axis] if mesh_axis else 1
+        if mesh_axis is None or size == 1 or mesh_axis in used:
+            spec.append(None)
+        elif dim % size:
+            # Small odd-sized dims (biases, toy models) are cheaper replicated than padded.
+            logging.log_first_n(logging.INFO, "%s: dim %d not divisible by mesh axis %s=%d; "
+                                "replicated", 20, path, dim, mesh_axis, size)
+            spec.append(None)
+        else:
+            spec.append(mesh_axis)
+            used.add(mesh_axis)
+    return P(*spec)
+
+
+def flat_path(key_path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in key_path)
+
+
+def param_shardings(abstract_params, mesh: Mesh, param_rules=DEFAULT_PARAM_RULES,
+                    logical_axis_rules=DEFAULT_LOGICAL_AXIS_RULES):
+    """NamedSharding for every leaf of a nested params dict (arrays or ShapeDtypeStructs)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda kp, leaf: NamedSharding(mesh, partition_spec(
+            flat_path(kp), leaf.shape, mesh, param_rules, logical_axis_rules)),
+        abstract_params)
+
+
+def state_shardings(abstract_state, params_shardings, mesh: Mesh):
+    """Shardings for an optimizer state: leaves that mirror a parameter take its sharding.
+
+    Optax states hold parameter-shaped trees (Adam's mu and nu) next to scalars (counts).
+    A state leaf whose key path ends with a parameter's key path and has the same shape is
+    sharded like that parameter; everything else is replicated.
+    """
+    by_path = {}
+    for key_path, sharding in jax.tree_util.tree_flatten_with_path(params_shardings)[0]:
+        by_path[tuple(str(getattr(k, "key", k)) for k in key_path)] = sharding
+    longest = max((len(k) for k in by_path), default=0)
+    replicated = NamedSharding(mesh, P())
+
+    def pick(key_path, leaf):
+        keys = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in key_path)
+        for length in range(min(longest, len(keys)), 0, -1):
+            sharding = by_path.get(keys[-length:])
+            if sharding is not None and len(sharding.spec) <= len(leaf.shape):
+                return sharding
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(pick, abstract_state)
+
+
+def bytes_per_device(abstract_tree, shardings) -> int:
+    """Bytes of one device's shards of a tree (exact, from shapes and shardings)."""
+    total = 0
+    for leaf, sharding in zip(jax.tree.leaves(abstract_tree), jax.tree.leaves(
+            shardings, is_leaf=lambda x: isinstance(x, NamedSharding))):
+        shard = sharding.shard_shape(leaf.shape)
+        total += math.prod(shard) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
+# ----- batches -----
+
+def batch_sharding(mesh: Mesh, ndim: int, batch_dim: int = 1) -> NamedSharding:
+    """Rows (dim `batch_dim`) split over (data, fsdp); everything else replicated."""
+    spec = [None] * ndim
+    spec[batch_dim] = BATCH_AXES
+    return NamedSharding(mesh, P(*spec))
+
+
+def batch_rows_divisor(mesh: Mesh) -> int:
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh, batch_dim: int = 1) -> dict:
+    """Process-local numpy arrays -> global jax.Arrays sharded over (data, fsdp).
+
+    Each process passes its own rows (dim `batch_dim`); the global array concatenates them in
+    process order. On one process this is a sharded device_put.
+    """
+    out = {}
+    processes = jax.process_count()
+    for name, value in local_batch.items():
+        sharding = batch_sharding(mesh, value.ndim, batch_dim)
+        global_shape = list(value.shape)
+        global_shape[batch_dim] *= processes
+        out[name] = jax.make_array_from_process_local_data(sharding, value, tuple(global_shape))
+    return out
+
+
+# ----- multi-host -----
+
+def maybe_initialize_distributed(mode: str = "auto") -> bool:
+    """Calls `jax.distributed.initialize()` when launched as one of several processes.
+
+    mode: 'auto' (initialize when the environment says there are several processes),
+    'yes' or 'no'. Detection: JAX_COORDINATOR_ADDRESS (launch/slurm_gpu.py sets it, with
+    JAX_LOCAL_DEVICE_IDS so each per-node process keeps all its GPUs), SLURM_NTASKS > 1, or a
+    multi-worker Cloud TPU slice (TPU_WORKER_HOSTNAMES lists several hosts). Must run before any
+    other JAX call. Returns whether it initialized.
+    """
+    import os
+
+    if mode not in ("auto", "yes", "no"):
+        raise ValueError(f"distributed={mode!r}: use 'auto', 'yes' or 'no'.")
+    if mode == "no":
+        return False
+    if mode == "auto":
+        env = os.environ
+        multi = (bool(env.get("JAX_COORDINATOR_ADDRESS"))
+                 or int(env.get("SLURM_NTASKS", "1") or 1) > 1
+                 or len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1)
+        if not multi:
+            return False
+    jax.distributed.initialize()
+    logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
+                 jax.process_index(), jax.process_count(), jax.local_device_count(),
+                 jax.device_count())
+    return True

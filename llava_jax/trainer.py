@@ -1,0 +1,636 @@
+"""LLaVA training: config schema, state set-up, the jitted train step, and the loop.
+
+State is three nested dicts of jax.Arrays: `trainable` and `frozen` parameters (split by a
+regex on the parameter path, see optim.py) and the optax state of the trainable ones. The
+step is one pure function under `jax.jit` with explicit shardings:
+
+    batch [accum, rows, ...] --scan over micro-batches--> summed grads / #target tokens
+          --> clip + AdamW --> new trainable params (update skipped if the loss is not finite)
+
+Workdir layout (what `checkpoint.load_pretrained(WORKDIR)` and `llava_jax.convert` read):
+
+    WORKDIR/llava_config.json, tokenizer/
+    WORKDIR/checkpoints/<step>/{params, opt_state, data, meta}   orbax CheckpointManager
+    WORKDIR/projector/mm_projector.safetensors                   stage 1: original key names
+    WORKDIR/tensorboard/                                          event files
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from llava_jax import checkpoint as ckpt
+from llava_jax import metrics as metrics_lib
+from llava_jax import optim, sharding
+from llava_jax.models.config import LlavaConfig, get_preset, jnp_dtype
+from llava_jax.models.llava import LlavaModel
+
+EXIT_PREEMPTED = 143  # 128 + SIGTERM, what schedulers expect from a preempted job
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class Preempted(RuntimeError):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------
+# Config schema
+
+
+def default_config(stage: int = 2) -> ml_collections.ConfigDict:
+    """Every field of a single training stage, with its default (presets edit a copy)."""
+    from llava_jax.data import default_data_config
+
+    c = ml_collections.ConfigDict()
+    c.stage = stage  # 1: pretrain the projector; 2: instruction-tune projector + LLM
+    c.trainable = ""  # regex on parameter paths that train; '' = the stage's LLaVA default
+    c.seed = 0  # data order and random initialisation
+    c.max_steps = -1  # stop (with a checkpoint) after this step; -1 = train to the end
+    c.distributed = "auto"  # jax.distributed.initialize(): 'auto' | 'yes' | 'no'
+    c.loss_chunk_size = 512  # LM head + loss in sequence chunks of this size (0 = at once)
+
+    c.model = ml_collections.ConfigDict()
+    c.model.base_dir = ""  # model dir from `python -m llava_jax.convert` (or a stage workdir)
+    c.model.preset = ""  # random init from this LlavaConfig preset when base_dir is ''
+    c.model.overrides = ml_collections.ConfigDict()  # LlavaConfig fields for random init
+    c.model.vocab_from_tokenizer = False  # random init: vocab/image/pad/bos/eos ids from tokenizer
+    c.model.projector = ""  # stage-1 workdir, model dir or mm_projector.{bin,safetensors}
+    c.model.reinit_projector = stage == 1  # random projector (stage 1 trains it from scratch)
+    c.model.tokenizer_dir = ""  # default: <base_dir>/tokenizer
+    c.model.dtype = "bfloat16"  # compute dtype
+    c.model.param_dtype = "float32"  # master weights (and optimizer state)
+    c.model.remat_policy = "full"  # models.config.REMAT_POLICIES
+    c.model.scan_layers = True  # lax.scan over layers (one compiled layer)
+
+    c.data = default_data_config(stage)
+    c.data.packing = False  # one sample per row: a step holds exactly global_batch_size samples
+    c.data.buckets = (768, 1024, 1536, 2048)  # image samples are >= 577 tokens long
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.learning_rate = 2e-5 if stage == 2 else 1e-3  # peak lr
+    c.optim.schedule = "cosine"  # 'cosine' | 'constant' (both after linear warm-up)
+    c.optim.warmup_ratio = 0.03  # fraction of the steps spent warming up
+    c.optim.weight_decay = 0.0  # AdamW decay (never on biases / norm scales)
+    c.optim.b1 = 0.9  # Adam beta1
+    c.optim.b2 = 0.999  # Adam beta2
+    c.optim.eps = 1e-8  # Adam epsilon
+    c.optim.grad_clip_norm = 1.0  # global-norm clipping (0 = off)
+    c.optim.global_batch_size = 128 if stage == 2 else 256  # rows per optimizer step, all hosts
+    c.optim.grad_accum_steps = 1  # micro-batches per step (each global_batch_size / this rows)
+    c.optim.total_steps = -1  # schedule length; -1 = ceil(samples x epochs / global batch)
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = 1  # pure data-parallel replicas
+    c.mesh.fsdp = -1  # parameter-sharded data parallelism (-1 = all remaining devices)
+    c.mesh.tensor = 1  # tensor parallelism over heads / MLP / vocab
+    c.mesh.param_rules = sharding.DEFAULT_PARAM_RULES  # (path regex, logical axes)
+    c.mesh.logical_axis_rules = sharding.DEFAULT_LOGICAL_AXIS_RULES  # (logical, mesh axis)
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 1000  # save every N steps (and always at the end / on SIGTERM)
+    c.checkpoint.max_to_keep = 2  # finished checkpoints kept
+    c.checkpoint.async_save = True  # write in the background while training goes on
+
+    c.log = ml_collections.ConfigDict()
+    c.log.every_steps = 10  # console + TensorBoard interval
+    c.log.tensorboard = True  # event files in WORKDIR/tensorboard
+    c.log.progress_bar = True  # tqdm bar when stderr is a terminal
+    c.log.peak_flops_per_device = 0.0  # for MFU; 0 = table by device kind (none for CPU)
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.file = ""  # held-out model_vqa-style JSONL evaluated after training ('' = none)
+    c.eval.image_root = ""  # folder of its images
+    c.eval.batch_size = 32  # generation batch
+    c.eval.max_new_tokens = 8  # answer length limit
+    return c
+
+
+def _fail(field: str, value, message: str):
+    raise ValueError(f"config.{field}={value!r}: {message}")
+
+
+def validate_config(c) -> None:
+    """Fails at start-up, naming the field, on settings that cannot work."""
+    from llava_jax.data import validate_data_config
+    from llava_jax.models.config import REMAT_POLICIES, DTYPES
+
+    if c.stage not in (1, 2):
+        _fail("stage", c.stage, "use 1 (pretraining) or 2 (instruction tuning)")
+    if bool(c.model.base_dir) == bool(c.model.preset):
+        _fail("model.base_dir", c.model.base_dir, "set exactly one of model.base_dir (a converted "
+              "model directory) and model.preset (random init, for tests and the demo)")
+    if c.model.base_dir and not os.path.isdir(c.model.base_dir):
+        _fail("model.base_dir", c.model.base_dir, "not a directory; convert weights with "
+              "`python -m llava_jax.convert` first")
+    if c.model.projector and not os.path.exists(c.model.projector):
+        _fail("model.projector", c.model.projector, "does not exist")
+    if c.model.preset and not c.model.tokenizer_dir:
+        _fail("model.tokenizer_dir", "", "random init needs a tokenizer directory")
+    for field, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES),
+                           ("remat_policy", REMAT_POLICIES)):
+        if c.model[field] not in allowed:
+            _fail(f"model.{field}", c.model[field], f"use one of {allowed}")
+    o = c.optim
+    if not o.learning_rate > 0:
+        _fail("optim.learning_rate", o.learning_rate, "must be > 0")
+    if not 0 <= o.warmup_ratio < 1:
+        _fail("optim.warmup_ratio", o.warmup_ratio, "must be in [0, 1)")
+    if o.schedule not in ("cosine", "constant"):
+        _fail("optim.schedule", o.schedule, "use 'cosine' or 'constant'")
+    if o.weight_decay < 0 or o.grad_clip_norm < 0:
+        _fail("optim.weight_decay", o.weight_decay, "decay and grad_clip_norm must be >= 0")
+    if o.grad_accum_steps < 1:
+        _fail("optim.grad_accum_steps", o.grad_accum_steps, "must be >= 1")
+    if o.global_batch_size < 1 or o.global_batch_size % o.grad_accum_steps:
+        _fail("optim.global_batch_size", o.global_batch_size,
+              f"must be a positive multiple of optim.grad_accum_steps={o.grad_accum_steps}")
+    if o.total_steps == 0 or o.total_steps < -1:
+        _fail("optim.total_steps", o.total_steps, "use a positive step count or -1 (derive)")
+    if c.checkpoint.every_steps < 1 or c.checkpoint.max_to_keep < 1:
+        _fail("checkpoint.every_steps", c.checkpoint.every_steps,
+              "every_steps and max_to_keep must be >= 1")
+    if c.log.every_steps < 1:
+        _fail("log.every_steps", c.log.every_steps, "must be >= 1")
+    if c.loss_chunk_size < 0:
+        _fail("loss_chunk_size", c.loss_chunk_size, "must be >= 0")
+    try:
+        validate_data_config(c.data)
+    except ValueError as e:
+        raise ValueError(f"config.{e}") from e
+    optim.stage_trainable_pattern(c.stage, c.trainable)
+
+
+def check_mesh_fits(c, mesh) -> None:
+    """The batch must split evenly over the data-parallel devices and the processes."""
+    rows = c.optim.global_batch_size // c.optim.grad_accum_steps
+    split = sharding.batch_rows_divisor(mesh)
+    if rows % split:
+        _fail("optim.global_batch_size", c.optim.global_batch_size,
+              f"micro-batch of {rows} rows (global_batch_size / grad_accum_steps="
+              f"{c.optim.grad_accum_steps}) does not split over mesh.data x mesh.fsdp = "
+              f"{split} devices")
+    if rows % jax.process_count():
+        _fail("optim.global_batch_size", c.optim.global_batch_size,
+              f"micro-batch of {rows} rows does not split over {jax.process_count()} processes")
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss and train step
+
+
+def make_train_step(graphdef, tx, *, loss_chunk_size: int):
+    """(trainable, frozen, opt_state, batch) -> (trainable, opt_state, metrics).
+
+    batch leaves are [accum, rows, ...]; pixel_values/image_mask are absent for text-only
+    batches (no dummy images through CLIP). The loss is the mean over all target tokens of
+    the step, so it does not depend on how the rows are split into micro-batches or devices.
+    """
+
+    def micro_loss(trainable, frozen, micro, num_targets):
+        model = nnx.merge(graphdef, optim.merge_params(trainable, frozen))
+        hidden = model(micro["input_ids"], micro.get("pixel_values"),
+                       segment_ids=micro["segment_ids"], positions=micro["positions"],
+                       image_mask=micro.get("image_mask"), return_hidden=True)
+        targets = optim.shifted_targets(micro["labels"])
+        loss_sum = optim.chunked_cross_entropy(model.language_model.logits, hidden, targets,
+                                         loss_chunk_size)
+        return loss_sum / num_targets
+
+    grad_fn = jax.value_and_grad(micro_loss)
+
+    def train_step(trainable, frozen, opt_state, batch):
+        num_targets = jnp.maximum(
+            jnp.sum(optim.shifted_targets(batch["labels"]) != optim.IGNORE_INDEX), 1).astype(jnp.float32)
+
+        def accumulate(carry, micro):
+            loss, grads = grad_fn(trainable, frozen, micro, num_targets)
+            return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+        zeros = (jnp.zeros((), jnp.float32),
+                 jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable))
+        (loss, grads), _ = jax.lax.scan(accumulate, zeros, batch)
+        grad_norm = optax.global_norm(grads)
+        updates, new_opt_state = tx.update(grads, opt_state, trainable)
+        new_trainable = optax.apply_updates(trainable, updates)
+        # A non-finite step changes nothing; the host stops the run when it sees the flag.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jnp.where(finite, new, old)
+        new_trainable = jax.tree.map(keep, new_trainable, trainable)
+        new_opt_state = jax.tree.map(keep, new_opt_state, opt_state)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite,
+                   "target_tokens": num_targets}
+        return new_trainable, new_opt_state, metrics
+
+    return train_step
+
+
+# ----------------------------------------------------------------------------------------------
+# Model set-up
+
+
+def load_tokenizer(c):
+    from transformers import PreTrainedTokenizerFast
+
+    directory = c.model.tokenizer_dir or os.path.join(c.model.base_dir, ckpt.TOKENIZER_DIR)
+    if not os.path.isfile(os.path.join(directory, "tokenizer.json")):
+        _fail("model.tokenizer_dir", directory, "holds no tokenizer.json")
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(directory)
+    vocab = tokenizer.get_vocab()
+    # A bare tokenizer.json names no special tokens: take Llama's spellings when present.
+    for role, token in (("bos", "<s>"), ("eos", "</s>"), ("unk", "<unk>"), ("pad", "<pad>")):
+        if getattr(tokenizer, f"{role}_token") is None and token in vocab:
+            setattr(tokenizer, f"{role}_token", token)
+    if tokenizer.pad_token is None and tokenizer.unk_token is not None:
+        tokenizer.pad_token = tokenizer.unk_token  # the original LLaVA's choice for v1 templates
+    return tokenizer
+
+
+def resolve_model_config(c, tokenizer) -> LlavaConfig:
+    """The architecture (from base_dir or preset + overrides) with the config's compute knobs."""
+    knobs = dict(dtype=c.model.dtype, param_dtype=c.model.param_dtype,
+                 remat_policy=c.model.remat_policy, scan_layers=c.model.scan_layers)
+    if c.model.base_dir:
+        return ckpt.read_config(c.model.base_dir).replace(**knobs)
+    overrides = c.model.overrides.to_dict()
+    if c.model.vocab_from_tokenizer:
+        image_id = tokenizer.convert_tokens_to_ids("<image>")
+        if image_id is None or image_id == tokenizer.unk_token_id:
+            _fail("model.vocab_from_tokenizer", True, "the tokenizer has no '<image>' token")
+        text = dict(overrides.get("text", {}), vocab_size=len(tokenizer))
+        overrides.update(text=text, image_token_index=image_id, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    try:
+        return get_preset(c.model.preset, **overrides, **knobs)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"config.model.overrides: {e}") from e
+
+
+def abstract_params(model_config: LlavaConfig) -> tuple[nnx.GraphDef, dict]:
+    """Graph definition and the nested dict of ShapeDtypeStructs (param_dtype) of the params."""
+    model = nnx.eval_shape(lambda: LlavaModel(model_config, rngs=nnx.Rngs(params=0)))
+    graphdef, _ = nnx.split(model)
+    dtype = jnp_dtype(model_config.param_dtype)
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype),
+                          nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    return graphdef, shapes
+
+
+def random_params(model_config: LlavaConfig, seed: int, shardings) -> dict:
+    """Random initialisation straight into the sharded layout (no full copy on one device)."""
+    dtype = jnp_dtype(model_config.param_dtype)
+
+    def init():
+        model = LlavaModel(model_config, rngs=nnx.Rngs(params=seed))
+        return jax.tree.map(lambda x: x.astype(dtype), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+    return jax.jit(init, out_shardings=shardings)()
+
+
+def _restore_subset(path: str, abstract_subset: dict, shardings) -> dict:
+    """Restores only the given sub-tree of a model dir / workdir's params (partial restore)."""
+    import orbax.checkpoint as ocp
+
+    directory = ckpt.params_directory(path).absolute()
+    restore_args = jax.tree.map(
+        lambda leaf, s: ocp.ArrayRestoreArgs(dtype=leaf.dtype, sharding=s, global_shape=leaf.shape),
+        abstract_subset, shardings)
+    return ocp.PyTreeCheckpointer().restore(directory, args=ocp.args.PyTreeRestore(
+        item=abstract_subset, restore_args=restore_args, partial_restore=True))
+
+
+def _stored_top_level(path: str) -> set[str]:
+    return {name.split("/")[0] for name in ckpt.stored_param_dtypes(path)}
+
+
+def load_projector(source: str, abstract_proj: dict, shardings: dict) -> dict:
+    """The 'multi_modal_projector' sub-tree from a workdir / model dir or an original file."""
+    if os.path.isdir(source):
+        return _restore_subset(source, {"multi_modal_projector": abstract_proj},
+                               {"multi_modal_projector": shardings})["multi_modal_projector"]
+    from llava_jax.convert import mapping
+    from llava_jax.convert.tensors import TensorReader
+
+    reader = TensorReader(source, mapping.canonical_llava_name)
+    out = {}
+    for layer, leaves in abstract_proj.items():
+        out[layer] = {}
+        for leaf, spec in leaves.items():
+            name = f"multi_modal_projector.{layer}.{'weight' if leaf == 'kernel' else 'bias'}"
+            if name not in reader:
+                raise ValueError(f"config.model.projector={source!r}: no tensor for {name} "
+                                 f"(has {sorted(reader.names())[:6]})")
+            value = reader.get(name)
+            value = value.T if leaf == "kernel" else value
+            if value.shape != spec.shape:
+                raise ValueError(f"config.model.projector: {name} has shape {value.shape}, the "
+                                 f"model needs {spec.shape}")
+            out[layer][leaf] = jax.device_put(value.astype(spec.dtype), shardings[layer][leaf])
+    return out
+
+
+def export_projector(params: dict, model_config: LlavaConfig, directory: str) -> str:
+    """Writes the projector as the original stage-1 output: `model.mm_projector.{0,2}.*`."""
+    from llava_jax.convert.tensors import write_safetensors
+    from pathlib import Path
+
+    tensors = {}
+    for layer, leaves in params["multi_modal_projector"].items():
+        index = 2 * (int(layer.rsplit("_", 1)[1]) - 1)  # Sequential(Linear, GELU, Linear, ...)
+        for leaf, value in leaves.items():
+            value = np.asarray(jax.device_get(value), np.float32)
+            name = f"model.mm_projector.{index}.{'weight' if leaf == 'kernel' else 'bias'}"
+            tensors[name] = np.ascontiguousarray(value.T if leaf == "kernel" else value)
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, "mm_projector.safetensors")
+    write_safetensors(Path(path), tensors)
+    with open(os.path.join(directory, "config.json"), "w") as handle:
+        json.dump({"mm_projector_type": model_config.projector_type,
+                   "mm_hidden_size": model_config.projector_input_size,
+                   "hidden_size": model_config.text.hidden_size}, handle, indent=2)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# The training run
+
+
+class Trainer:
+    """One training stage in one workdir: set-up, (resume,) loop, final checkpoint.
+
+    trainer = Trainer(config, workdir); result = trainer.run()
+    `result`: dict(step, loss, stopped) and `trainer.model()` gives the trained LlavaModel.
+    """
+
+    def __init__(self, config, workdir: str, *, mesh=None):
+        validate_config(config)
+        self.config = c = config
+        self.workdir = os.path.abspath(workdir)
+        self.mesh = mesh if mesh is not None else sharding.make_mesh(c.mesh)
+        check_mesh_fits(c, self.mesh)
+        self.tokenizer = load_tokenizer(c)
+        self.model_config = resolve_model_config(c, self.tokenizer)
+        self.graphdef, self.abstract = abstract_params(self.model_config)
+        self.shardings = sharding.param_shardings(
+            self.abstract, self.mesh, tuple(c.mesh.param_rules), tuple(c.mesh.logical_axis_rules))
+        pattern = optim.stage_trainable_pattern(c.stage, c.trainable)
+        self.abstract_trainable, self.abstract_frozen = optim.split_params(self.abstract, pattern)
+        self.trainable_shardings, self.frozen_shardings = optim.split_params(self.shardings, pattern)
+        self.total_steps = self._total_steps()
+        self.tx, self.schedule = optim.make_optimizer(c.optim, self.total_steps)
+        self.abstract_opt = jax.eval_shape(self.tx.init, self.abstract_trainable)
+        self.opt_shardings = sharding.state_shardings(self.abstract_opt, self.trainable_shardings,
+                                                      self.mesh)
+        self.batch_sharding = NamedSharding(self.mesh, P(None, sharding.BATCH_AXES))
+        replicated = NamedSharding(self.mesh, P())
+        self.train_step = jax.jit(
+            make_train_step(self.graphdef, self.tx, loss_chunk_size=c.loss_chunk_size),
+            in_shardings=(self.trainable_shardings, self.frozen_shardings, self.opt_shardings,
+                          self.batch_sharding),
+            out_shardings=(self.trainable_shardings, self.opt_shardings, replicated),
+            donate_argnums=(0, 2))
+        self.trainable = self.frozen = self.opt_state = None
+        self.step = 0
+
+    # ----- schedule length -----
+    def _total_steps(self) -> int:
+        c = self.config
+        if c.optim.total_steps > 0:
+            return int(c.optim.total_steps)
+        from llava_jax.data import num_samples
+
+        if c.data.num_epochs is None:
+            _fail("optim.total_steps", -1, "set it when data.num_epochs is None (endless data)")
+        samples = num_samples(c.data) * c.data.num_epochs
+        if c.data.packing:
+            logging.warning("data.packing: rows hold several samples, so the derived schedule "
+                            "(samples / global batch) is longer than the data; set "
+                            "optim.total_steps for an exact schedule")
+        return max(1, math.ceil(samples / c.optim.global_batch_size))
+
+    # ----- state -----
+    def _manager(self):
+        import orbax.checkpoint as ocp
+
+        ckpt._quiet_orbax()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=self.config.checkpoint.max_to_keep, create=True,
+            enable_async_checkpointing=self.config.checkpoint.async_save)
+        return ocp.CheckpointManager(os.path.join(self.workdir, ckpt.CHECKPOINTS_DIR),
+                                     options=options)
+
+    def _fresh_state(self):
+        c, mc = self.config, self.model_config
+        if c.model.base_dir:
+            stored = _stored_top_level(c.model.base_dir)
+            wanted = {k: v for k, v in self.abstract.items() if k in stored}
+            params = _restore_subset(c.model.base_dir, wanted,
+                                     {k: self.shardings[k] for k in wanted})
+            missing = set(self.abstract) - set(params)
+            if missing - {"multi_modal_projector"}:
+                _fail("model.base_dir", c.model.base_dir, f"holds no {sorted(missing)} weights")
+            if "multi_modal_projector" in missing or c.model.reinit_projector:
+                params["multi_modal_projector"] = random_params(
+                    mc, c.seed, self.shardings)["multi_modal_projector"]
+                logging.info("projector: random initialisation")
+        else:
+            params = random_params(mc, c.seed, self.shardings)
+        if c.model.projector:
+            params["multi_modal_projector"] = load_projector(
+                c.model.projector, self.abstract["multi_modal_projector"],
+                self.shardings["multi_modal_projector"])
+            logging.info("projector: loaded from %s", c.model.projector)
+        pattern = optim.stage_trainable_pattern(c.stage, c.trainable)
+        self.trainable, self.frozen = optim.split_params(params, pattern)
+        self.opt_state = jax.jit(self.tx.init, out_shardings=self.opt_shardings)(self.trainable)
+        self.step = 0
+
+    def _save_args(self, iterator):
+        import grain
+        import orbax.checkpoint as ocp
+
+        meta = {"step": self.step, "total_steps": self.total_steps,
+                "config": json.loads(self.config.to_json_best_effort())}
+        return ocp.args.Composite(
+            params=ocp.args.StandardSave(optim.merge_params(self.trainable, self.frozen)),
+            opt_state=ocp.args.StandardSave(self.opt_state),
+            data=grain.checkpoint.CheckpointSave(iterator),
+            meta=ocp.args.JsonSave(meta))
+
+    def _restore(self, manager, step: int, iterator) -> None:
+        import grain
+        import orbax.checkpoint as ocp
+
+        with_sharding = lambda tree, sh: jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, sh)
+        restored = manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(with_sharding(self.abstract, self.shardings)),
+            opt_state=ocp.args.StandardRestore(with_sharding(self.abstract_opt, self.opt_shardings)),
+            data=grain.checkpoint.CheckpointRestore(iterator),
+            meta=ocp.args.JsonRestore()))
+        pattern = optim.stage_trainable_pattern(self.config.stage, self.config.trainable)
+        self.trainable, self.frozen = optim.split_params(restored["params"], pattern)
+        self.opt_state = restored["opt_state"]
+        self.step = int(restored["meta"]["step"])
+
+    def _write_model_files(self) -> None:
+        if jax.process_index() != 0:
+            return
+        os.makedirs(self.workdir, exist_ok=True)
+        with open(os.path.join(self.workdir, ckpt.CONFIG_FILE), "w") as handle:
+            json.dump(self.model_config.to_dict(), handle, indent=2)
+        self.tokenizer.save_pretrained(os.path.join(self.workdir, ckpt.TOKENIZER_DIR))
+        with open(os.path.join(self.workdir, "train_config.json"), "w") as handle:
+            handle.write(self.config.to_json_best_effort(indent=2))
+
+    def model(self) -> LlavaModel:
+        """The current parameters as a LlavaModel (for evaluation)."""
+        return nnx.merge(self.graphdef, optim.merge_params(self.trainable, self.frozen))
+
+    # ----- data -----
+    def _dataset(self):
+        from llava_jax.data import make_dataset
+
+        c, mc = self.config, self.model_config
+        return make_dataset(
+            c.data, self.tokenizer, num_image_tokens=mc.num_image_tokens,
+            image_token_index=mc.image_token_index, image_size=mc.vision.image_size,
+            global_batch_size=c.optim.global_batch_size // c.optim.grad_accum_steps, seed=c.seed,
+            shard_index=jax.process_index(), shard_count=jax.process_count(),
+            pad_id=self.tokenizer.pad_token_id)
+
+    def _next_batch(self, iterator):
+        """grad_accum_steps micro-batches, padded to one length, stacked: host numpy [accum, ...].
+
+        Returns None when the data are exhausted (a partial step is dropped).
+        """
+        micro = []
+        for _ in range(self.config.optim.grad_accum_steps):
+            try:
+                micro.append(next(iterator))
+            except StopIteration:
+                return None
+        length = max(m["input_ids"].shape[1] for m in micro)
+        has_images = any(bool(m["image_mask"].any()) for m in micro)
+        if jax.process_count() > 1:  # all processes must build the same global shapes
+            from jax.experimental import multihost_utils
+
+            agreed = multihost_utils.process_allgather(np.array([length, has_images], np.int64))
+            length, has_images = int(agreed[:, 0].max()), bool(agreed[:, 1].any())
+        pad_values = {"input_ids": self.tokenizer.pad_token_id, "labels": optim.IGNORE_INDEX,
+                      "segment_ids": 0, "positions": 0}
+        batch = {}
+        for name, value in pad_values.items():
+            batch[name] = np.stack([np.pad(m[name], ((0, 0), (0, length - m[name].shape[1])),
+                                           constant_values=value) for m in micro])
+        if has_images:
+            batch["pixel_values"] = np.stack([m["pixel_values"] for m in micro])
+            batch["image_mask"] = np.stack([m["image_mask"] for m in micro])
+        return batch
+
+    def _step_flops(self, rows: int, length: int, slots: int, with_images: bool) -> float:
+        return metrics_lib.train_step_flops(
+            self.model_config, rows, length, slots, with_images=with_images,
+            train_projector="multi_modal_projector" in self.abstract_trainable,
+            train_llm="language_model" in self.abstract_trainable)
+
+    # ----- loop -----
+    def run(self) -> dict:
+        c = self.config
+        self._write_model_files()
+        manager = self._manager()
+        iterator = self._dataset()
+        latest = manager.latest_step()
+        if latest is not None:
+            self._restore(manager, latest, iterator)
+            logging.info("resumed from %s at step %d", manager.directory, self.step)
+        else:
+            self._fresh_state()
+        stop_at = self.total_steps if c.max_steps < 0 else min(c.max_steps, self.total_steps)
+        preempted = {"flag": False}
+        previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.update(flag=True)) \
+            if _main_thread() else None
+        reporter = metrics_lib.ProgressReporter(
+            total_steps=stop_at, start_step=self.step, workdir=self.workdir if jax.process_index()
+            == 0 else None, tensorboard=c.log.tensorboard, progress_bar=c.log.progress_bar,
+            prefix=f"[stage {c.stage}] ")
+        peak = metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind,
+                                                 c.log.peak_flops_per_device)
+        window = metrics_lib.StepWindow(self._step_flops)
+        last_saved = self.step if latest is not None else None
+        loss, stopped = float("nan"), "completed"
+        try:
+            while self.step < stop_at:
+                if preempted["flag"]:
+                    stopped = "preempted"
+                    break
+                started = time.perf_counter()
+                host_batch = self._next_batch(iterator)
+                if host_batch is None:
+                    stopped = "data exhausted"
+                    break
+                device_batch = sharding.global_batch(host_batch, self.mesh)
+                data_wait = time.perf_counter() - started
+                self.trainable, self.opt_state, step_metrics = self.train_step(
+                    self.trainable, self.frozen, self.opt_state, device_batch)
+                self.step += 1
+                window.add(host_batch, data_wait)
+                due_save = self.step % c.checkpoint.every_steps == 0 or self.step == stop_at
+                due_log = self.step % c.log.every_steps == 0 or self.step == stop_at
+                if due_save or due_log or not c.checkpoint.async_save:
+                    values = jax.device_get(step_metrics)
+                    if not values["finite"]:
+                        raise NonFiniteLossError(
+                            f"loss={float(values['loss'])}, grad_norm="
+                            f"{float(values['grad_norm'])} at step {self.step}: stopping. The "
+                            "update was skipped; the last checkpoint "
+                            f"({last_saved if last_saved is not None else 'none'}) is intact. "
+                            "Lower optim.learning_rate or check the data.")
+                    loss = float(values["loss"])
+                    if due_log:
+                        reporter.report(self.step, window.summary(
+                            values, peak, float(self.schedule(self.step - 1))))
+                if due_save:
+                    manager.save(self.step, args=self._save_args(iterator), force=True)
+                    last_saved = self.step
+                reporter.advance(self.step)
+            if self.step >= stop_at and stop_at < self.total_steps:
+                stopped = "max_steps"
+            if last_saved != self.step:
+                manager.save(self.step, args=self._save_args(iterator), force=True)
+        finally:
+            manager.wait_until_finished()
+            manager.close()
+            reporter.close()
+            if previous_handler is not None:
+                signal.signal(signal.SIGTERM, previous_handler)
+        if c.stage == 1 and jax.process_index() == 0:
+            export_projector(optim.merge_params(self.trainable, self.frozen), self.model_config,
+                             os.path.join(self.workdir, "projector"))
+        logging.info("stage %d: %s at step %d/%d (checkpoint in %s)", c.stage, stopped,
+                     self.step, self.total_steps, self.workdir)
+        if stopped == "preempted":
+            raise Preempted(f"SIGTERM: saved step {self.step} to {self.workdir}; run the same "
+                            "command again to resume.")
+        return {"step": self.step, "loss": loss, "stopped": stopped}
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
