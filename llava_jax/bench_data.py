@@ -167,16 +167,23 @@ def bench_token_efficiency(count: int, batch_size: int = 16) -> dict:
 
 
 _INDEX_CHILD = """
-import json, resource, sys, time
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+import json, sys, time
 from llava_jax.data.sources import JsonIndex
+
+def status_mb(field):  # VmHWM (peak) and VmRSS of this process, from /proc
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+base = status_mb("VmRSS")
 start = time.perf_counter()
 index = JsonIndex.load(sys.argv[1], use_cache=sys.argv[2] == "1")
 seconds = time.perf_counter() - start
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"seconds": seconds, "records": len(index), "peak_rss_growth_mb": (peak - base) / 1024,
-                  "index_mb": sum(a.nbytes for a in (index.offsets, index.lengths, index.num_images,
-                                                      index.text_chars)) / 2**20}))
+arrays = (index.offsets, index.lengths, index.num_images, index.text_chars)
+print(json.dumps({"seconds": seconds, "records": len(index),
+                  "peak_rss_growth_mb": status_mb("VmHWM") - base,
+                  "index_mb": sum(a.nbytes for a in arrays) / 2**20}))
 """
 
 

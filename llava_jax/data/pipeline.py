@@ -17,7 +17,6 @@ packing; those are re-created from the random-access dataset on restore.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import grain
@@ -164,8 +163,8 @@ class SampleProcessor:
             raise TokenizationError("malformed_sample", "'image' must be a string or list of strings")
         rounds = normalize_conversation(record["conversations"], self._template)
         tags = count_images(record["conversations"])
-        expected = 1 if self._template.style == "plain" else len(names)
-        if tags != len(names) or (self._template.style == "plain" and tags != expected):
+        # plain (stage 1) trains "<image>" + caption: exactly one image.
+        if tags != len(names) or (self._template.style == "plain" and tags != 1):
             raise TokenizationError(
                 "image_count_mismatch", f"{tags} <image> tags for {len(names)} images"
             )
