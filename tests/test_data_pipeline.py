@@ -229,3 +229,24 @@ def test_config_errors_name_the_field(dataset, tokenizer):
                          ("template", "nope")]:
         with pytest.raises(ValueError, match=field if field != "template" else "template"):
             batches(config_for(dataset, **{field: value}), tokenizer)
+
+
+def test_orbax_checkpoint_of_the_iterator_resumes_exactly(dataset, tokenizer, tmp_path):
+    import grain
+    import orbax.checkpoint as ocp
+
+    config = config_for(dataset)
+    full, _ = batches(config, tokenizer, seed=2)
+    head, iterator = batches(config, tokenizer, limit=3, seed=2)
+    manager = ocp.CheckpointManager(tmp_path / "ckpt", item_names=("data",))
+    manager.save(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(iterator)))
+    manager.wait_until_finished()
+    fresh = make_dataset(config, tokenizer, num_image_tokens=NUM_IMAGE_TOKENS,
+                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                         image_size=IMAGE_SIZE, batch_size=3, seed=2, shard_index=0, shard_count=1)
+    manager.restore(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
+    rest = list(fresh)
+    assert len(head) + len(rest) == len(full)
+    for a, b in zip(full[3:], rest):
+        np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
+        np.testing.assert_array_equal(a["pixel_values"], b["pixel_values"])
