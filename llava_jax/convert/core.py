@@ -302,6 +302,8 @@ def jax_to_hf(input_dir: str, output_dir: str, *, dtype: str | None = None,
         stored = checkpoint.stored_param_dtypes(input_dir)
         specs = _specs(config)
         writer = ShardedSafetensorsWriter(stage, max_shard_bytes)
+        writer.plan([(name, _torch_shape(spec), np_dtype) for spec in specs
+                     for name in spec.torch_names])
         total = sum(len(spec.torch_names) for spec in specs)
         with tqdm(total=total, desc="tensors", unit="tensor", disable=not progress) as bar:
             for spec in specs:
@@ -324,6 +326,11 @@ def jax_to_hf(input_dir: str, output_dir: str, *, dtype: str | None = None,
         shutil.rmtree(stage, ignore_errors=True)
         raise
     return output
+
+
+def _torch_shape(spec: mapping.ParamSpec) -> tuple[int, ...]:
+    per_layer = spec.shape[1:] if spec.stacked else spec.shape
+    return tuple(spec.to_torch(np.empty(per_layer, np.int8)).shape)
 
 
 def _write_processor_config(directory: Path, config: LlavaConfig) -> None:

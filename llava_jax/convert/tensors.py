@@ -40,24 +40,26 @@ class _SafetensorsFile:
         header.pop("__metadata__", None)
         self.header = header
         self.data_offset = 8 + header_len
-        self._mmap = None
 
     def keys(self):
         return self.header.keys()
 
     def get(self, name: str) -> np.ndarray:
-        if self._mmap is None:
-            self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
+        """Reads one tensor with a positioned read (not a memory map: pages of a map that
+        has been read stay resident, so a whole checkpoint would count against memory)."""
         info = self.header[name]
         if info["dtype"] not in _SAFETENSORS_DTYPES:
             raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {info['dtype']}.")
+        dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
         start, end = info["data_offsets"]
-        raw = self._mmap[self.data_offset + start:self.data_offset + end]
-        expected = int(np.prod(info["shape"])) * np.dtype(_SAFETENSORS_DTYPES[info["dtype"]]).itemsize
-        if raw.size != expected:
+        expected = int(np.prod(info["shape"])) * dtype.itemsize
+        with open(self.path, "rb") as f:
+            f.seek(self.data_offset + start)
+            raw = f.read(end - start)
+        if len(raw) != expected or end - start != expected:
             raise CheckpointError(f"{self.path}: tensor {name!r} is truncated "
-                                  f"({raw.size} of {expected} bytes); the file is incomplete.")
-        return raw.view(_SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+                                  f"({len(raw)} of {expected} bytes); the file is incomplete.")
+        return np.frombuffer(raw, dtype=dtype).reshape(info["shape"])
 
 
 class _TorchBinFile:
@@ -171,59 +173,90 @@ def cast(array: np.ndarray, dtype, name: str) -> np.ndarray:
 
 
 class ShardedSafetensorsWriter:
-    """Writes tensors into `model-0000k-of-0000n.safetensors` shards plus an index.
+    """Streams tensors straight into `model-0000k-of-0000n.safetensors` shards plus an index.
 
-    Tensors are buffered until a shard reaches `max_shard_bytes`, so memory stays at about
-    one shard. Shards are renamed with the final count in `close()`.
+    All tensor names, shapes and dtypes are declared up front (`plan`), so each shard's
+    header is written before its data and memory holds one tensor at a time. Tensors must
+    then be `add`ed in the planned order.
     """
 
     def __init__(self, directory: Path, max_shard_bytes: int = 2 << 30):
         self.directory = Path(directory)
         self.max_shard_bytes = max_shard_bytes
-        self.buffer: dict[str, np.ndarray] = {}
-        self.buffer_bytes = 0
-        self.shards: list[tuple[Path, list[str]]] = []
+        self.shards: list[list[tuple[str, tuple[int, ...], np.dtype]]] = []
         self.total_bytes = 0
+        self._order: list[str] = []
+        self._next = 0
+        self._file = None
+        self._shard_index = -1
+        self._remaining_in_shard = 0
+
+    def plan(self, entries: list[tuple[str, tuple[int, ...], object]]) -> None:
+        current, current_bytes = [], 0
+        for name, shape, dtype in entries:
+            nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+            if current and current_bytes + nbytes > self.max_shard_bytes:
+                self.shards.append(current)
+                current, current_bytes = [], 0
+            current.append((name, tuple(shape), np.dtype(dtype)))
+            current_bytes += nbytes
+            self.total_bytes += nbytes
+        if current:
+            self.shards.append(current)
+        self._order = [name for shard in self.shards for name, _, _ in shard]
+
+    def shard_name(self, index: int) -> str:
+        total = len(self.shards)
+        return "model.safetensors" if total == 1 else f"model-{index + 1:05d}-of-{total:05d}.safetensors"
 
     def add(self, name: str, array: np.ndarray) -> None:
-        if self.buffer and self.buffer_bytes + array.nbytes > self.max_shard_bytes:
-            self._flush()
-        self.buffer[name] = np.ascontiguousarray(array)
-        self.buffer_bytes += array.nbytes
-        self.total_bytes += array.nbytes
+        if self._next >= len(self._order) or self._order[self._next] != name:
+            raise RuntimeError(f"tensor {name!r} written out of the planned order")
+        if self._remaining_in_shard == 0:
+            self._open_next_shard()
+        planned = self.shards[self._shard_index][len(self.shards[self._shard_index]) - self._remaining_in_shard]
+        if array.shape != planned[1] or array.dtype != planned[2]:
+            raise RuntimeError(f"tensor {name!r}: {array.shape} {array.dtype} differs from the plan")
+        self._file.write(np.ascontiguousarray(array).tobytes())
+        self._remaining_in_shard -= 1
+        self._next += 1
+        if self._remaining_in_shard == 0:
+            self._file.close()
 
-    def _flush(self) -> None:
-        path = self.directory / f"shard-{len(self.shards):05d}.tmp"
-        write_safetensors(path, self.buffer)
-        self.shards.append((path, list(self.buffer)))
-        self.buffer, self.buffer_bytes = {}, 0
+    def _open_next_shard(self) -> None:
+        self._shard_index += 1
+        entries = self.shards[self._shard_index]
+        path = self.directory / self.shard_name(self._shard_index)
+        self._file = open(path, "wb")
+        _write_header(self._file, [(n, s, d) for n, s, d in entries])
+        self._remaining_in_shard = len(entries)
 
     def close(self) -> None:
-        if self.buffer:
-            self._flush()
-        total = len(self.shards)
-        weight_map = {}
-        for i, (path, names) in enumerate(self.shards):
-            final = (self.directory / "model.safetensors" if total == 1
-                     else self.directory / f"model-{i + 1:05d}-of-{total:05d}.safetensors")
-            path.rename(final)
-            weight_map.update({name: final.name for name in names})
+        if self._next != len(self._order):
+            raise RuntimeError(f"only {self._next} of {len(self._order)} planned tensors written")
+        weight_map = {name: self.shard_name(i) for i, shard in enumerate(self.shards)
+                      for name, _, _ in shard}
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
-    """Writes a safetensors file (bfloat16 included, which safetensors.numpy cannot)."""
+def _write_header(f, entries) -> None:
     to_code = {np.dtype(v): k for k, v in _SAFETENSORS_DTYPES.items()}
     header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for name, array in tensors.items():
-        header[name] = {"dtype": to_code[array.dtype], "shape": list(array.shape),
-                        "data_offsets": [offset, offset + array.nbytes]}
-        offset += array.nbytes
+    for name, shape, dtype in entries:
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        header[name] = {"dtype": to_code[np.dtype(dtype)], "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the format aligns the data to 8 bytes
+    f.write(len(encoded).to_bytes(8, "little"))
+    f.write(encoded)
+
+
+def write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
+    """Writes a safetensors file (bfloat16 included, which safetensors.numpy cannot)."""
     with open(path, "wb") as f:
-        f.write(len(encoded).to_bytes(8, "little"))
-        f.write(encoded)
+        _write_header(f, [(name, a.shape, a.dtype) for name, a in tensors.items()])
         for array in tensors.values():
             f.write(np.ascontiguousarray(array).tobytes())
