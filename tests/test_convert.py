@@ -321,3 +321,32 @@ def test_cli_round_trip_and_errors(hf_dir, tmp_path):
     assert config["model_type"] == "llava" and config["torch_dtype"] == "bfloat16"
     result = run_cli("hf-to-jax", "--input", str(tmp_path / "missing"), "--output", str(tmp_path / "x"))
     assert result.returncode == 2 and "error:" in result.stderr and "config.json not found" in result.stderr
+
+
+def test_unsupported_rope_scaling_is_a_clear_error(hf_dir, tmp_path):
+    config = json.loads((hf_dir / "config.json").read_text())
+    config["text_config"]["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0}
+    with pytest.raises(hf_config.ConfigError, match="rope scaling type 'yarn' is not supported"):
+        hf_config.from_hf_llava(config)
+    config["text_config"]["rope_scaling"] = {"rope_type": "linear", "factor": 2.0}
+    assert hf_config.from_hf_llava(config).text.rope_scaling_factor == 2.0
+
+
+def test_load_pretrained_dtype_and_tokenizer(tmp_path):
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    model = create_model(get_preset("tiny"), seed=3)
+    vocab = {f"w{i}": i for i in range(40)}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="w0")
+    checkpoint.save_model(model, tmp_path / "m", tokenizer=tokenizer)
+    loaded = load_pretrained(tmp_path / "m", dtype=jnp.bfloat16)
+    assert loaded.config.dtype == loaded.config.param_dtype == "bfloat16"
+    assert loaded.model.language_model.norm.scale[...].dtype == jnp.bfloat16
+    assert loaded.tokenizer("w3 w5").input_ids == [3, 5]
+    ids = jnp.asarray([[1, 2, 3]], jnp.int32)
+    logits = loaded.model(ids)
+    assert logits.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(model(ids)), atol=0.05)
