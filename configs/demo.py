@@ -18,7 +18,7 @@ from llava_jax.trainer import default_config
 MODEL = {
     "vision": {"hidden_size": 192, "intermediate_size": 384, "num_layers": 2, "num_heads": 4,
                "image_size": 32, "patch_size": 8},
-    "text": {"hidden_size": 192, "intermediate_size": 512, "num_layers": 3, "num_heads": 6,
+    "text": {"hidden_size": 128, "intermediate_size": 384, "num_layers": 3, "num_heads": 4,
              "num_kv_heads": 2, "max_position_embeddings": 512},
 }
 

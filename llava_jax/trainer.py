@@ -225,11 +225,12 @@ def make_train_step(graphdef, tx, *, loss_chunk_size: int):
         zeros = (jnp.zeros((), jnp.float32),
                  jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable))
         (loss, grads), _ = jax.lax.scan(accumulate, zeros, batch)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, new_opt_state = tx.update(grads, opt_state, trainable)
         new_trainable = optax.apply_updates(trainable, updates)
         # A non-finite step changes nothing; the host stops the run when it sees the flag.
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+                  & jnp.isfinite(optax.tree.norm(new_trainable)))
         keep = lambda new, old: jnp.where(finite, new, old)
         new_trainable = jax.tree.map(keep, new_trainable, trainable)
         new_opt_state = jax.tree.map(keep, new_opt_state, opt_state)
@@ -298,6 +299,19 @@ def random_params(model_config: LlavaConfig, seed: int, shardings) -> dict:
     def init():
         model = LlavaModel(model_config, rngs=nnx.Rngs(params=seed))
         return jax.tree.map(lambda x: x.astype(dtype), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+    return jax.jit(init, out_shardings=shardings)()
+
+
+def random_projector(model_config: LlavaConfig, seed: int, shardings) -> dict:
+    """A freshly initialised projector alone (stage 1 from an LLM + CLIP base)."""
+    from llava_jax.models.projector import Projector
+
+    dtype = jnp_dtype(model_config.param_dtype)
+
+    def init():
+        state = nnx.state(Projector(model_config, rngs=nnx.Rngs(params=seed)), nnx.Param)
+        return jax.tree.map(lambda x: x.astype(dtype), nnx.to_pure_dict(state))
 
     return jax.jit(init, out_shardings=shardings)()
 
@@ -374,7 +388,8 @@ class Trainer:
     """One training stage in one workdir: set-up, (resume,) loop, final checkpoint.
 
     trainer = Trainer(config, workdir); result = trainer.run()
-    `result`: dict(step, loss, stopped) and `trainer.model()` gives the trained LlavaModel.
+    `result`: dict(step, loss, stopped, history=[(step, loss) at logged/saved steps]);
+    `trainer.model()` gives the trained LlavaModel.
     """
 
     def __init__(self, config, workdir: str, *, mesh=None):
@@ -445,8 +460,8 @@ class Trainer:
             if missing - {"multi_modal_projector"}:
                 _fail("model.base_dir", c.model.base_dir, f"holds no {sorted(missing)} weights")
             if "multi_modal_projector" in missing or c.model.reinit_projector:
-                params["multi_modal_projector"] = random_params(
-                    mc, c.seed, self.shardings)["multi_modal_projector"]
+                params["multi_modal_projector"] = random_projector(
+                    mc, c.seed, self.shardings["multi_modal_projector"])
                 logging.info("projector: random initialisation")
         else:
             params = random_params(mc, c.seed, self.shardings)
@@ -573,7 +588,7 @@ class Trainer:
                                                  c.log.peak_flops_per_device)
         window = metrics_lib.StepWindow(self._step_flops)
         last_saved = self.step if latest is not None else None
-        loss, stopped = float("nan"), "completed"
+        loss, stopped, history, lagged = float("nan"), "completed", [], None
         try:
             while self.step < stop_at:
                 if preempted["flag"]:
@@ -592,16 +607,17 @@ class Trainer:
                 window.add(host_batch, data_wait)
                 due_save = self.step % c.checkpoint.every_steps == 0 or self.step == stop_at
                 due_log = self.step % c.log.every_steps == 0 or self.step == stop_at
-                if due_save or due_log or not c.checkpoint.async_save:
+                # Check the previous step's flag while this one runs (no pipeline stall); steps
+                # that save or log are checked at once, so no checkpoint follows a bad step.
+                if lagged is not None:
+                    _check_finite(jax.device_get(lagged), self.step - 1, last_saved)
+                lagged = step_metrics
+                if due_save or due_log:
                     values = jax.device_get(step_metrics)
-                    if not values["finite"]:
-                        raise NonFiniteLossError(
-                            f"loss={float(values['loss'])}, grad_norm="
-                            f"{float(values['grad_norm'])} at step {self.step}: stopping. The "
-                            "update was skipped; the last checkpoint "
-                            f"({last_saved if last_saved is not None else 'none'}) is intact. "
-                            "Lower optim.learning_rate or check the data.")
+                    _check_finite(values, self.step, last_saved)
+                    lagged = None
                     loss = float(values["loss"])
+                    history.append((self.step, loss))
                     if due_log:
                         reporter.report(self.step, window.summary(
                             values, peak, float(self.schedule(self.step - 1))))
@@ -611,6 +627,8 @@ class Trainer:
                 reporter.advance(self.step)
             if self.step >= stop_at and stop_at < self.total_steps:
                 stopped = "max_steps"
+            if lagged is not None:
+                _check_finite(jax.device_get(lagged), self.step, last_saved)
             if last_saved != self.step:
                 manager.save(self.step, args=self._save_args(iterator), force=True)
         finally:
@@ -627,7 +645,15 @@ class Trainer:
         if stopped == "preempted":
             raise Preempted(f"SIGTERM: saved step {self.step} to {self.workdir}; run the same "
                             "command again to resume.")
-        return {"step": self.step, "loss": loss, "stopped": stopped}
+        return {"step": self.step, "loss": loss, "stopped": stopped, "history": history}
+
+
+def _check_finite(values: dict, step: int, last_saved: int | None) -> None:
+    if not values["finite"]:
+        raise NonFiniteLossError(
+            f"loss={float(values['loss'])}, grad_norm={float(values['grad_norm'])} at step {step}"
+            f": stopping. The update was skipped; the last checkpoint (step {last_saved}) is "
+            "intact. Lower optim.learning_rate or check the data.")
 
 
 def _main_thread() -> bool:
