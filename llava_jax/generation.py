@@ -33,6 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from llava_jax.models.llama import MASK_VALUE, apply_rotary, attention_mask, rotary_tables
+
 PROMPT_BUCKET = 32  # prompt lengths are rounded up to a multiple of this (left padding)
 _NO_TOKEN = -1  # filler in the stop-sequence window: never equals a real token id
 
@@ -174,12 +176,89 @@ def _prefill(model, ids, mask, pixel_values, image_mask, cache_length):
     return logits, cache
 
 
-def _decode(model, token, cache, slot, position):
-    """One step: token int32 [b] at cache `slot`, rotary `position` [b] -> logits [b, V]."""
+def _decode_layers(model, unstack: bool):
+    """The decoder layers for decoding: None (use the model's own stacked forward) or a list
+    of per-layer modules for the unstacked decode path.
+
+    Why a separate decode path: the model keeps layer weights stacked [layers, ...] and
+    slices layer i inside its forward, and keeps the cache as [b, slots, kv_heads, hd]. On
+    CPU, XLA materialises the weight slice (a copy of every layer's weights) on every step,
+    and lays the cache out as [b, kv_heads, slots, hd] for the attention dot, transposing the
+    whole cache of every layer twice per step. Slicing the weights once before the loop and
+    keeping one [b, kv_heads, slots, hd] cache per layer removes all three copies. It costs
+    one temporary copy of the decoder weights, so it is the default on CPU only.
+    """
+    if not unstack:
+        return None
+    graphdef, state = nnx.split(model.language_model.layers)
+    return [nnx.merge(graphdef, jax.tree.map(lambda p, i=i: p[i], state))
+            for i in range(model.config.text.num_layers)]
+
+
+def _step_cache(cache: dict, layers) -> dict:
+    """The prefill cache in the decode layout: the model's (stacked) or, for the unstacked
+    path, per layer k, v [b, kv_heads, slots, head_dim]."""
+    if layers is None:
+        return cache
+    return {"layers": [{"k": cache["k"][i].transpose(0, 2, 1, 3),
+                        "v": cache["v"][i].transpose(0, 2, 1, 3)} for i in range(len(layers))],
+            "segment_ids": cache["segment_ids"]}
+
+
+def _decode_layer(layer, hidden, cos, sin, mask, cache, slot):
+    """LlamaDecoderLayer.__call__ for one new token per row, over a [b, kv_heads, slots, hd]
+    cache (same math as models/llama.py; the parity tests compare both paths with HF)."""
+    attn = layer.self_attn
+    batch = hidden.shape[0]
+    heads, kv_heads, head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
+    x = layer.input_layernorm(hidden)
+    q = attn.q_proj(x).reshape(batch, 1, heads, head_dim)
+    k = attn.k_proj(x).reshape(batch, 1, kv_heads, head_dim)
+    v = attn.v_proj(x).reshape(batch, 1, kv_heads, head_dim)
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    keys = jax.lax.dynamic_update_slice(
+        cache["k"], k.transpose(0, 2, 1, 3).astype(cache["k"].dtype), (0, 0, slot, 0))
+    values = jax.lax.dynamic_update_slice(
+        cache["v"], v.transpose(0, 2, 1, 3).astype(cache["v"].dtype), (0, 0, slot, 0))
+    # Query head h * groups + g shares key/value head h (the model's GQA grouping).
+    q = q.reshape(batch, kv_heads, heads // kv_heads, head_dim)
+    scores = jnp.einsum("bhgd,bhkd->bhgk", q, keys.astype(attn.dtype),
+                        preferred_element_type=jnp.float32) * head_dim**-0.5
+    scores = jnp.where(mask, scores, MASK_VALUE)  # mask [b, 1, 1, slots]
+    probs = jax.nn.softmax(scores, axis=-1).astype(attn.dtype)
+    out = jnp.einsum("bhgk,bhkd->bhgd", probs, values.astype(attn.dtype),
+                     preferred_element_type=jnp.float32)
+    out = out.astype(attn.dtype).reshape(batch, 1, heads * head_dim)
+    hidden = hidden + attn.o_proj(out)
+    hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    return hidden, {"k": keys, "v": values}
+
+
+def _decode(model, layers, token, cache, slot, position):
+    """One step: token int32 [b] at cache `slot`, rotary `position` [b] -> logits [b, V].
+
+    `layers` None: the model's own forward; else the unstacked path (`_decode_layers`)."""
     batch = token.shape[0]
-    logits, cache = model(token[:, None], segment_ids=jnp.ones((batch, 1), jnp.int32),
-                          positions=position[:, None], cache=cache, cache_index=slot)
-    return logits[:, 0], cache
+    ones = jnp.ones((batch, 1), jnp.int32)
+    if layers is None:
+        logits, cache = model(token[:, None], segment_ids=ones, positions=position[:, None],
+                              cache=cache, cache_index=slot)
+        return logits[:, 0], cache
+    lm = model.language_model
+    text = model.config.text
+    cos, sin = rotary_tables(position[:, None], text.resolved_head_dim, text.rope_theta,
+                             text.rope_scaling_factor)
+    kv_segments = jax.lax.dynamic_update_slice(cache["segment_ids"], ones, (0, slot))
+    kv_slots = jnp.broadcast_to(jnp.arange(kv_segments.shape[1], dtype=jnp.int32),
+                                kv_segments.shape)
+    mask = attention_mask(ones, kv_segments, jnp.full((batch, 1), slot, jnp.int32), kv_slots)
+    hidden = lm.embed(token[:, None])
+    new_layers = []
+    for layer, layer_cache in zip(layers, cache["layers"]):
+        hidden, layer_cache = _decode_layer(layer, hidden, cos, sin, mask, layer_cache, slot)
+        new_layers.append(layer_cache)
+    logits = lm.logits(lm.norm(hidden))[:, 0]
+    return logits, {"layers": new_layers, "segment_ids": kv_segments}
 
 
 def _finished(token, window, eos_ids, stop_tokens, stop_valid):
@@ -193,10 +272,10 @@ def _finished(token, window, eos_ids, stop_tokens, stop_valid):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "top_k",
-                                             "use_top_p"))
+                                             "use_top_p", "unstack"))
 def _generate_jit(graphdef, state, ids, mask, pixel_values, image_mask, lengths, key, temperature,
                   top_p, eos_ids, stop_tokens, stop_valid, pad_id, *, max_new_tokens, greedy,
-                  top_k, use_top_p):
+                  top_k, use_top_p, unstack):
     """Prefill + while_loop decode. Returns (tokens int32 [b, max_new_tokens], steps)."""
     model = nnx.merge(graphdef, state)
     batch, prompt_length = ids.shape
@@ -205,6 +284,8 @@ def _generate_jit(graphdef, state, ids, mask, pixel_values, image_mask, lengths,
                                top_k=top_k, use_top_p=use_top_p)
     logits, cache = _prefill(model, ids, mask, pixel_values, image_mask,
                              prompt_length + max_new_tokens)
+    layers = _decode_layers(model, unstack)
+    cache = _step_cache(cache, layers)
     # Output buffer with `width` filler columns in front, so the stop window is one slice.
     buffer = jnp.full((batch, width + max_new_tokens), _NO_TOKEN, jnp.int32)
 
@@ -225,7 +306,8 @@ def _generate_jit(graphdef, state, ids, mask, pixel_values, image_mask, lengths,
     def body(carry):
         step, token, buffer, done, cache = carry
         # The previous token goes at slot prompt_length + step - 1, position length + step - 1.
-        logits, cache = _decode(model, token, cache, prompt_length + step - 1, lengths + step - 1)
+        logits, cache = _decode(model, layers, token, cache, prompt_length + step - 1,
+                                lengths + step - 1)
         token = sample(logits, jax.random.fold_in(key, step))
         token, buffer, done = emit(step, token, buffer, done)
         return step + 1, token, buffer, done, cache
@@ -235,22 +317,27 @@ def _generate_jit(graphdef, state, ids, mask, pixel_values, image_mask, lengths,
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cache_length", "greedy", "top_k",
-                                             "use_top_p"))
+                                             "use_top_p", "unstack"))
 def _prefill_jit(graphdef, state, ids, mask, pixel_values, image_mask, key, temperature, top_p, *,
-                 cache_length, greedy, top_k, use_top_p):
+                 cache_length, greedy, top_k, use_top_p, unstack):
+    """Stream prefill: (first token [b], decode cache, per-layer weight states or None)."""
     model = nnx.merge(graphdef, state)
     logits, cache = _prefill(model, ids, mask, pixel_values, image_mask, cache_length)
     token = _sample(logits, jax.random.fold_in(key, 0), temperature, top_p, greedy=greedy,
                     top_k=top_k, use_top_p=use_top_p)
-    return token, cache
+    layers = _decode_layers(model, unstack)
+    layer_states = None if layers is None else [nnx.state(layer) for layer in layers]
+    return token, _step_cache(cache, layers), layer_states
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "greedy", "top_k", "use_top_p"),
-                   donate_argnames=("cache",))
-def _step_jit(graphdef, state, token, cache, slot, position, key, step, temperature, top_p, *,
-              greedy, top_k, use_top_p):
+@functools.partial(jax.jit, static_argnames=("graphdef", "layer_graphdef", "greedy", "top_k",
+                                             "use_top_p"), donate_argnames=("cache",))
+def _step_jit(graphdef, state, layer_graphdef, layer_states, token, cache, slot, position, key,
+              step, temperature, top_p, *, greedy, top_k, use_top_p):
     model = nnx.merge(graphdef, state)
-    logits, cache = _decode(model, token, cache, slot, position)
+    layers = (None if layer_states is None
+              else [nnx.merge(layer_graphdef, layer_state) for layer_state in layer_states])
+    logits, cache = _decode(model, layers, token, cache, slot, position)
     token = _sample(logits, jax.random.fold_in(key, step), temperature, top_p, greedy=greedy,
                     top_k=top_k, use_top_p=use_top_p)
     return token, cache
@@ -258,6 +345,10 @@ def _step_jit(graphdef, state, token, cache, slot, position, key, step, temperat
 
 # ----------------------------------------------------------------------------------------------
 # Public API
+
+
+def _unstack(unstack_layers: bool | None) -> bool:
+    return jax.default_backend() == "cpu" if unstack_layers is None else bool(unstack_layers)
 
 
 class _Prepared:
@@ -347,7 +438,7 @@ def generate(model, input_ids, pixel_values=None, *, max_new_tokens: int,
              image_mask=None, pad_token_id: int | None = None,
              stop_token_ids: Sequence[Sequence[int]] | None = None,
              stop_strings: Sequence[str] | None = None, tokenizer=None,
-             bucket: int = PROMPT_BUCKET) -> np.ndarray:
+             bucket: int = PROMPT_BUCKET, unstack_layers: bool | None = None) -> np.ndarray:
     """Generates up to `max_new_tokens` tokens for each prompt of a batch.
 
     Args:
@@ -366,6 +457,8 @@ def generate(model, input_ids, pixel_values=None, *, max_new_tokens: int,
       stop_token_ids: token sequences that end a row (e.g. the template's stop string ids).
       stop_strings, tokenizer: end a row once its decoded text contains one of the strings.
       bucket: prompts are left-padded to a multiple of this (fewer recompilations).
+      unstack_layers: decode with per-layer weight copies (default: on CPU only; see
+        `_decode_layers`). The tokens are the same either way.
     Returns:
       np.int32 [batch, n] new tokens only, n <= max_new_tokens (the longest row). A row that
       stopped early ends with its EOS / stop tokens followed by `pad_token_id`.
@@ -380,7 +473,7 @@ def generate(model, input_ids, pixel_values=None, *, max_new_tokens: int,
     tokens, steps = _generate_jit(
         graphdef, state, p.ids, p.mask, p.pixel_values, p.image_mask, p.lengths, p.key,
         p.temperature, p.top_p, p.eos_ids, p.stop_tokens, p.stop_valid, np.int32(p.pad_id),
-        max_new_tokens=p.max_new_tokens, **p.statics)
+        max_new_tokens=p.max_new_tokens, unstack=_unstack(unstack_layers), **p.statics)
     tokens = np.asarray(tokens)[:, :int(steps)]
     return p.cut_at_stop_strings(tokens)
 
@@ -391,7 +484,8 @@ def stream(model, input_ids, pixel_values=None, *, max_new_tokens: int,
            image_mask=None, pad_token_id: int | None = None,
            stop_token_ids: Sequence[Sequence[int]] | None = None,
            stop_strings: Sequence[str] | None = None, tokenizer=None,
-           bucket: int = PROMPT_BUCKET) -> Iterator[np.ndarray]:
+           bucket: int = PROMPT_BUCKET,
+           unstack_layers: bool | None = None) -> Iterator[np.ndarray]:
     """Like `generate`, but yields each step's tokens np.int32 [batch] as soon as they exist.
 
     Rows that have stopped yield `pad_token_id`. Stop strings are checked on the decoded text
@@ -405,18 +499,20 @@ def stream(model, input_ids, pixel_values=None, *, max_new_tokens: int,
                   tokenizer=tokenizer, bucket=bucket)
     graphdef, state = nnx.split(model)
     batch, prompt_length = p.ids.shape
-    token, cache = _prefill_jit(graphdef, state, p.ids, p.mask, p.pixel_values, p.image_mask,
-                                p.key, p.temperature, p.top_p,
-                                cache_length=prompt_length + p.max_new_tokens, **p.statics)
+    token, cache, layer_states = _prefill_jit(
+        graphdef, state, p.ids, p.mask, p.pixel_values, p.image_mask, p.key, p.temperature,
+        p.top_p, cache_length=prompt_length + p.max_new_tokens,
+        unstack=_unstack(unstack_layers), **p.statics)
+    layer_graphdef = nnx.split(model.language_model.layers)[0]
     done = np.zeros(batch, bool)
     width = p.stop_tokens.shape[1]
     history = np.full((batch, width + p.max_new_tokens), _NO_TOKEN, np.int32)
     lengths = jnp.asarray(p.lengths)
     for step in range(p.max_new_tokens):
         if step:
-            token, cache = _step_jit(graphdef, state, token, cache, prompt_length + step - 1,
-                                     lengths + step - 1, p.key, step, p.temperature, p.top_p,
-                                     **p.statics)
+            token, cache = _step_jit(graphdef, state, layer_graphdef, layer_states, token, cache,
+                                     prompt_length + step - 1, lengths + step - 1, p.key, step,
+                                     p.temperature, p.top_p, **p.statics)
         emitted = np.where(done, p.pad_id, np.asarray(token)).astype(np.int32)
         history[:, width + step] = emitted
         window = history[:, step + 1: step + 1 + width]

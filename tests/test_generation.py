@@ -223,3 +223,17 @@ def test_placeholder_count_mismatch_is_a_clear_error(model, prompts):
         generation.generate(model, rows[0][None], pixels[:1, 0], max_new_tokens=2)
     with pytest.raises(ValueError, match="max_position_embeddings"):
         generation.generate(model, rows[1][None], max_new_tokens=5000)
+
+
+def test_stacked_and_unstacked_decode_paths_agree(model, prompts):
+    """CPU decodes with per-layer weights and a [b, kv_heads, slots, hd] cache; other backends
+    use the model's own stacked forward. Both must produce the same tokens."""
+    rows, pixels = prompts
+    ids, mask = _pad(rows, "right")
+    kwargs = dict(attention_mask=mask, image_mask=np.array([[True], [False], [True]]),
+                  max_new_tokens=MAX_NEW)
+    fast = generation.generate(model, ids, pixels, unstack_layers=True, **kwargs)
+    stacked = generation.generate(model, ids, pixels, unstack_layers=False, **kwargs)
+    np.testing.assert_array_equal(fast, stacked)
+    streamed = list(generation.stream(model, ids, pixels, unstack_layers=False, **kwargs))
+    np.testing.assert_array_equal(np.stack(streamed, axis=1), stacked)
