@@ -11,7 +11,7 @@ The data (and a tokenizer trained on them) are generated on first use; nothing i
 import ml_collections
 
 from llava_jax.data import demo
-from llava_jax.trainer import default_config
+from llava_jax.train_config import default_config
 
 # A small but complete LLaVA: CLIP-style tower (32 px, 8 px patches -> 16 image tokens),
 # 2-layer GELU MLP projector, LLaMA decoder with grouped-query attention.

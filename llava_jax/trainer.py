@@ -25,7 +25,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from absl import logging
@@ -35,6 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from llava_jax import checkpoint as ckpt
 from llava_jax import metrics as metrics_lib
 from llava_jax import optim, sharding
+from llava_jax.train_config import check_mesh_fits, config_error, validate_config
 from llava_jax.models.config import LlavaConfig, get_preset, jnp_dtype
 from llava_jax.models.llava import LlavaModel
 
@@ -47,147 +47,6 @@ class NonFiniteLossError(RuntimeError):
 
 class Preempted(RuntimeError):
     pass
-
-
-# ----------------------------------------------------------------------------------------------
-# Config schema
-
-
-def default_config(stage: int = 2) -> ml_collections.ConfigDict:
-    """Every field of a single training stage, with its default (presets edit a copy)."""
-    from llava_jax.data import default_data_config
-
-    c = ml_collections.ConfigDict()
-    c.stage = stage  # 1: pretrain the projector; 2: instruction-tune projector + LLM
-    c.trainable = ""  # regex on parameter paths that train; '' = the stage's LLaVA default
-    c.seed = 0  # data order and random initialisation
-    c.max_steps = -1  # stop (with a checkpoint) after this step; -1 = train to the end
-    c.distributed = "auto"  # jax.distributed.initialize(): 'auto' | 'yes' | 'no'
-    c.loss_chunk_size = 512  # LM head + loss in sequence chunks of this size (0 = at once)
-
-    c.model = ml_collections.ConfigDict()
-    c.model.base_dir = ""  # model dir from `python -m llava_jax.convert` (or a stage workdir)
-    c.model.preset = ""  # random init from this LlavaConfig preset when base_dir is ''
-    c.model.overrides = ml_collections.ConfigDict()  # LlavaConfig fields for random init
-    c.model.vocab_from_tokenizer = False  # random init: vocab/image/pad/bos/eos ids from tokenizer
-    c.model.projector = ""  # stage-1 workdir, model dir or mm_projector.{bin,safetensors}
-    c.model.reinit_projector = stage == 1  # random projector (stage 1 trains it from scratch)
-    c.model.tokenizer_dir = ""  # default: <base_dir>/tokenizer
-    c.model.dtype = "bfloat16"  # compute dtype
-    c.model.param_dtype = "float32"  # master weights (and optimizer state)
-    c.model.remat_policy = "full"  # models.config.REMAT_POLICIES
-    c.model.scan_layers = True  # lax.scan over layers (one compiled layer)
-
-    c.data = default_data_config(stage)
-    c.data.packing = False  # one sample per row: a step holds exactly global_batch_size samples
-    c.data.buckets = (768, 1024, 1536, 2048)  # image samples are >= 577 tokens long
-
-    c.optim = ml_collections.ConfigDict()
-    c.optim.learning_rate = 2e-5 if stage == 2 else 1e-3  # peak lr
-    c.optim.schedule = "cosine"  # 'cosine' | 'constant' (both after linear warm-up)
-    c.optim.warmup_ratio = 0.03  # fraction of the steps spent warming up
-    c.optim.weight_decay = 0.0  # AdamW decay (never on biases / norm scales)
-    c.optim.b1 = 0.9  # Adam beta1
-    c.optim.b2 = 0.999  # Adam beta2
-    c.optim.eps = 1e-8  # Adam epsilon
-    c.optim.grad_clip_norm = 1.0  # global-norm clipping (0 = off)
-    c.optim.global_batch_size = 128 if stage == 2 else 256  # rows per optimizer step, all hosts
-    c.optim.grad_accum_steps = 1  # micro-batches per step (each global_batch_size / this rows)
-    c.optim.total_steps = -1  # schedule length; -1 = ceil(samples x epochs / global batch)
-
-    c.mesh = ml_collections.ConfigDict()
-    c.mesh.data = 1  # pure data-parallel replicas
-    c.mesh.fsdp = -1  # parameter-sharded data parallelism (-1 = all remaining devices)
-    c.mesh.tensor = 1  # tensor parallelism over heads / MLP / vocab
-    c.mesh.param_rules = sharding.DEFAULT_PARAM_RULES  # (path regex, logical axes)
-    c.mesh.logical_axis_rules = sharding.DEFAULT_LOGICAL_AXIS_RULES  # (logical, mesh axis)
-
-    c.checkpoint = ml_collections.ConfigDict()
-    c.checkpoint.every_steps = 1000  # save every N steps (and always at the end / on SIGTERM)
-    c.checkpoint.max_to_keep = 2  # finished checkpoints kept
-    c.checkpoint.async_save = True  # write in the background while training goes on
-
-    c.log = ml_collections.ConfigDict()
-    c.log.every_steps = 10  # console + TensorBoard interval
-    c.log.tensorboard = True  # event files in WORKDIR/tensorboard
-    c.log.progress_bar = True  # tqdm bar when stderr is a terminal
-    c.log.peak_flops_per_device = 0.0  # for MFU; 0 = table by device kind (none for CPU)
-
-    c.eval = ml_collections.ConfigDict()
-    c.eval.file = ""  # held-out model_vqa-style JSONL evaluated after training ('' = none)
-    c.eval.image_root = ""  # folder of its images
-    c.eval.batch_size = 32  # generation batch
-    c.eval.max_new_tokens = 8  # answer length limit
-    return c
-
-
-def _fail(field: str, value, message: str):
-    raise ValueError(f"config.{field}={value!r}: {message}")
-
-
-def validate_config(c) -> None:
-    """Fails at start-up, naming the field, on settings that cannot work."""
-    from llava_jax.data import validate_data_config
-    from llava_jax.models.config import REMAT_POLICIES, DTYPES
-
-    if c.stage not in (1, 2):
-        _fail("stage", c.stage, "use 1 (pretraining) or 2 (instruction tuning)")
-    if bool(c.model.base_dir) == bool(c.model.preset):
-        _fail("model.base_dir", c.model.base_dir, "set exactly one of model.base_dir (a converted "
-              "model directory) and model.preset (random init, for tests and the demo)")
-    if c.model.base_dir and not os.path.isdir(c.model.base_dir):
-        _fail("model.base_dir", c.model.base_dir, "not a directory; convert weights with "
-              "`python -m llava_jax.convert` first")
-    if c.model.projector and not os.path.exists(c.model.projector):
-        _fail("model.projector", c.model.projector, "does not exist")
-    if c.model.preset and not c.model.tokenizer_dir:
-        _fail("model.tokenizer_dir", "", "random init needs a tokenizer directory")
-    for field, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES),
-                           ("remat_policy", REMAT_POLICIES)):
-        if c.model[field] not in allowed:
-            _fail(f"model.{field}", c.model[field], f"use one of {allowed}")
-    o = c.optim
-    if not o.learning_rate > 0:
-        _fail("optim.learning_rate", o.learning_rate, "must be > 0")
-    if not 0 <= o.warmup_ratio < 1:
-        _fail("optim.warmup_ratio", o.warmup_ratio, "must be in [0, 1)")
-    if o.schedule not in ("cosine", "constant"):
-        _fail("optim.schedule", o.schedule, "use 'cosine' or 'constant'")
-    if o.weight_decay < 0 or o.grad_clip_norm < 0:
-        _fail("optim.weight_decay", o.weight_decay, "decay and grad_clip_norm must be >= 0")
-    if o.grad_accum_steps < 1:
-        _fail("optim.grad_accum_steps", o.grad_accum_steps, "must be >= 1")
-    if o.global_batch_size < 1 or o.global_batch_size % o.grad_accum_steps:
-        _fail("optim.global_batch_size", o.global_batch_size,
-              f"must be a positive multiple of optim.grad_accum_steps={o.grad_accum_steps}")
-    if o.total_steps == 0 or o.total_steps < -1:
-        _fail("optim.total_steps", o.total_steps, "use a positive step count or -1 (derive)")
-    if c.checkpoint.every_steps < 1 or c.checkpoint.max_to_keep < 1:
-        _fail("checkpoint.every_steps", c.checkpoint.every_steps,
-              "every_steps and max_to_keep must be >= 1")
-    if c.log.every_steps < 1:
-        _fail("log.every_steps", c.log.every_steps, "must be >= 1")
-    if c.loss_chunk_size < 0:
-        _fail("loss_chunk_size", c.loss_chunk_size, "must be >= 0")
-    try:
-        validate_data_config(c.data)
-    except ValueError as e:
-        raise ValueError(f"config.{e}") from e
-    optim.stage_trainable_pattern(c.stage, c.trainable)
-
-
-def check_mesh_fits(c, mesh) -> None:
-    """The batch must split evenly over the data-parallel devices and the processes."""
-    rows = c.optim.global_batch_size // c.optim.grad_accum_steps
-    split = sharding.batch_rows_divisor(mesh)
-    if rows % split:
-        _fail("optim.global_batch_size", c.optim.global_batch_size,
-              f"micro-batch of {rows} rows (global_batch_size / grad_accum_steps="
-              f"{c.optim.grad_accum_steps}) does not split over mesh.data x mesh.fsdp = "
-              f"{split} devices")
-    if rows % jax.process_count():
-        _fail("optim.global_batch_size", c.optim.global_batch_size,
-              f"micro-batch of {rows} rows does not split over {jax.process_count()} processes")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -250,7 +109,7 @@ def load_tokenizer(c):
 
     directory = c.model.tokenizer_dir or os.path.join(c.model.base_dir, ckpt.TOKENIZER_DIR)
     if not os.path.isfile(os.path.join(directory, "tokenizer.json")):
-        _fail("model.tokenizer_dir", directory, "holds no tokenizer.json")
+        config_error("model.tokenizer_dir", directory, "holds no tokenizer.json")
     tokenizer = PreTrainedTokenizerFast.from_pretrained(directory)
     vocab = tokenizer.get_vocab()
     # A bare tokenizer.json names no special tokens: take Llama's spellings when present.
@@ -272,7 +131,7 @@ def resolve_model_config(c, tokenizer) -> LlavaConfig:
     if c.model.vocab_from_tokenizer:
         image_id = tokenizer.convert_tokens_to_ids("<image>")
         if image_id is None or image_id == tokenizer.unk_token_id:
-            _fail("model.vocab_from_tokenizer", True, "the tokenizer has no '<image>' token")
+            config_error("model.vocab_from_tokenizer", True, "the tokenizer has no '<image>' token")
         text = dict(overrides.get("text", {}), vocab_size=len(tokenizer))
         overrides.update(text=text, image_token_index=image_id, pad_token_id=tokenizer.pad_token_id,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
@@ -292,25 +151,19 @@ def abstract_params(model_config: LlavaConfig) -> tuple[nnx.GraphDef, dict]:
     return graphdef, shapes
 
 
-def random_params(model_config: LlavaConfig, seed: int, shardings) -> dict:
-    """Random initialisation straight into the sharded layout (no full copy on one device)."""
-    dtype = jnp_dtype(model_config.param_dtype)
+def random_params(model_config: LlavaConfig, seed: int, shardings, *,
+                  projector_only: bool = False) -> dict:
+    """Random initialisation straight into the sharded layout (no full copy on one device).
 
-    def init():
-        model = LlavaModel(model_config, rngs=nnx.Rngs(params=seed))
-        return jax.tree.map(lambda x: x.astype(dtype), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-
-    return jax.jit(init, out_shardings=shardings)()
-
-
-def random_projector(model_config: LlavaConfig, seed: int, shardings) -> dict:
-    """A freshly initialised projector alone (stage 1 from an LLM + CLIP base)."""
+    projector_only: just the projector's sub-tree (stage 1 from an LLM + CLIP base).
+    """
     from llava_jax.models.projector import Projector
 
     dtype = jnp_dtype(model_config.param_dtype)
+    module = Projector if projector_only else LlavaModel
 
     def init():
-        state = nnx.state(Projector(model_config, rngs=nnx.Rngs(params=seed)), nnx.Param)
+        state = nnx.state(module(model_config, rngs=nnx.Rngs(params=seed)), nnx.Param)
         return jax.tree.map(lambda x: x.astype(dtype), nnx.to_pure_dict(state))
 
     return jax.jit(init, out_shardings=shardings)()
@@ -326,10 +179,6 @@ def _restore_subset(path: str, abstract_subset: dict, shardings) -> dict:
         abstract_subset, shardings)
     return ocp.PyTreeCheckpointer().restore(directory, args=ocp.args.PyTreeRestore(
         item=abstract_subset, restore_args=restore_args, partial_restore=True))
-
-
-def _stored_top_level(path: str) -> set[str]:
-    return {name.split("/")[0] for name in ckpt.stored_param_dtypes(path)}
 
 
 def load_projector(source: str, abstract_proj: dict, shardings: dict) -> dict:
@@ -384,6 +233,36 @@ def export_projector(params: dict, model_config: LlavaConfig, directory: str) ->
 # The training run
 
 
+def build_step(c, model_config: LlavaConfig, mesh, total_steps: int) -> dict:
+    """Everything the jitted step needs, from shapes only (also used by memory_plan.py).
+
+    Returns graphdef, abstract (all params), abstract_trainable / abstract_frozen, their
+    shardings, tx, schedule, abstract_opt, opt_shardings, batch_sharding and train_step.
+    """
+    out = {}
+    out["graphdef"], out["abstract"] = abstract_params(model_config)
+    out["shardings"] = sharding.param_shardings(
+        out["abstract"], mesh, tuple(c.mesh.param_rules), tuple(c.mesh.logical_axis_rules))
+    pattern = optim.stage_trainable_pattern(c.stage, c.trainable)
+    out["abstract_trainable"], out["abstract_frozen"] = optim.split_params(out["abstract"], pattern)
+    out["trainable_shardings"], out["frozen_shardings"] = optim.split_params(out["shardings"],
+                                                                             pattern)
+    out["tx"], out["schedule"] = optim.make_optimizer(c.optim, total_steps)
+    out["abstract_opt"] = jax.eval_shape(out["tx"].init, out["abstract_trainable"])
+    out["opt_shardings"] = sharding.state_shardings(out["abstract_opt"],
+                                                    out["trainable_shardings"], mesh)
+    # Batch leaves are [accum, rows, ...]: rows split over (data, fsdp).
+    out["batch_sharding"] = NamedSharding(mesh, P(None, sharding.BATCH_AXES))
+    out["train_step"] = jax.jit(
+        make_train_step(out["graphdef"], out["tx"], loss_chunk_size=c.loss_chunk_size),
+        in_shardings=(out["trainable_shardings"], out["frozen_shardings"], out["opt_shardings"],
+                      out["batch_sharding"]),
+        out_shardings=(out["trainable_shardings"], out["opt_shardings"],
+                       NamedSharding(mesh, P())),
+        donate_argnums=(0, 2))
+    return out
+
+
 class Trainer:
     """One training stage in one workdir: set-up, (resume,) loop, final checkpoint.
 
@@ -400,25 +279,8 @@ class Trainer:
         check_mesh_fits(c, self.mesh)
         self.tokenizer = load_tokenizer(c)
         self.model_config = resolve_model_config(c, self.tokenizer)
-        self.graphdef, self.abstract = abstract_params(self.model_config)
-        self.shardings = sharding.param_shardings(
-            self.abstract, self.mesh, tuple(c.mesh.param_rules), tuple(c.mesh.logical_axis_rules))
-        pattern = optim.stage_trainable_pattern(c.stage, c.trainable)
-        self.abstract_trainable, self.abstract_frozen = optim.split_params(self.abstract, pattern)
-        self.trainable_shardings, self.frozen_shardings = optim.split_params(self.shardings, pattern)
         self.total_steps = self._total_steps()
-        self.tx, self.schedule = optim.make_optimizer(c.optim, self.total_steps)
-        self.abstract_opt = jax.eval_shape(self.tx.init, self.abstract_trainable)
-        self.opt_shardings = sharding.state_shardings(self.abstract_opt, self.trainable_shardings,
-                                                      self.mesh)
-        self.batch_sharding = NamedSharding(self.mesh, P(None, sharding.BATCH_AXES))
-        replicated = NamedSharding(self.mesh, P())
-        self.train_step = jax.jit(
-            make_train_step(self.graphdef, self.tx, loss_chunk_size=c.loss_chunk_size),
-            in_shardings=(self.trainable_shardings, self.frozen_shardings, self.opt_shardings,
-                          self.batch_sharding),
-            out_shardings=(self.trainable_shardings, self.opt_shardings, replicated),
-            donate_argnums=(0, 2))
+        self.__dict__.update(build_step(c, self.model_config, self.mesh, self.total_steps))
         self.trainable = self.frozen = self.opt_state = None
         self.step = 0
 
@@ -430,7 +292,7 @@ class Trainer:
         from llava_jax.data import num_samples
 
         if c.data.num_epochs is None:
-            _fail("optim.total_steps", -1, "set it when data.num_epochs is None (endless data)")
+            config_error("optim.total_steps", -1, "set it when data.num_epochs is None (endless data)")
         samples = num_samples(c.data) * c.data.num_epochs
         if c.data.packing:
             logging.warning("data.packing: rows hold several samples, so the derived schedule "
@@ -452,16 +314,16 @@ class Trainer:
     def _fresh_state(self):
         c, mc = self.config, self.model_config
         if c.model.base_dir:
-            stored = _stored_top_level(c.model.base_dir)
+            stored = {name.split("/")[0] for name in ckpt.stored_param_dtypes(c.model.base_dir)}
             wanted = {k: v for k, v in self.abstract.items() if k in stored}
             params = _restore_subset(c.model.base_dir, wanted,
                                      {k: self.shardings[k] for k in wanted})
             missing = set(self.abstract) - set(params)
             if missing - {"multi_modal_projector"}:
-                _fail("model.base_dir", c.model.base_dir, f"holds no {sorted(missing)} weights")
+                config_error("model.base_dir", c.model.base_dir, f"holds no {sorted(missing)} weights")
             if "multi_modal_projector" in missing or c.model.reinit_projector:
-                params["multi_modal_projector"] = random_projector(
-                    mc, c.seed, self.shardings["multi_modal_projector"])
+                params["multi_modal_projector"] = random_params(
+                    mc, c.seed, self.shardings["multi_modal_projector"], projector_only=True)
                 logging.info("projector: random initialisation")
         else:
             params = random_params(mc, c.seed, self.shardings)
@@ -656,7 +518,7 @@ def _check_finite(values: dict, step: int, last_saved: int | None) -> None:
             "intact. Lower optim.learning_rate or check the data.")
 
 
-def _main_thread() -> bool:
+def _main_thread() -> bool:  # signal handlers can only be installed there
     import threading
 
     return threading.current_thread() is threading.main_thread()

@@ -17,7 +17,8 @@ import pytest
 
 from llava_jax import checkpoint as ckpt
 from llava_jax import optim
-from llava_jax.trainer import NonFiniteLossError, Trainer, default_config, validate_config
+from llava_jax.train_config import default_config, validate_config
+from llava_jax.trainer import NonFiniteLossError, Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = {

@@ -1,0 +1,246 @@
+"""Train-step speed: llava_jax vs transformers' PyTorch LlavaForConditionalGeneration.
+
+`python -m llava_jax.bench train [--repeats=5] [--dtypes=float32,bfloat16] [--json=FILE]`
+
+Both sides train the same small LLaVA (CLIP 256 wide x 4 layers at 112 px = 64 image tokens;
+LLaMA 512 wide x 4 layers, 8 heads, MLP 1376, vocab 32064) on the same batch (4 rows x 256
+tokens, one image per row), stage-2 style: projector + LLM train with AdamW, CLIP frozen.
+Both start from the same random weights. bfloat16 = bf16 compute with float32 master weights
+(llava_jax `dtype=bfloat16`; torch `autocast(cpu, bfloat16)`).
+
+Each repeat runs one step of every (side, dtype), alternating the order; medians over repeats.
+MFU = model FLOPs per step (llava_jax.metrics.train_step_flops) / step time / peak, where
+the peak is measured in the same run: a bf16 jnp.dot (4096^2 x 4096) accumulating in float32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from typing import Sequence
+
+import numpy as np
+
+BATCH, SEQ, IMAGE_TOKENS = 4, 256, 64
+
+
+def bench_config(dtype: str):
+    from llava_jax.models.config import LlavaConfig, TextConfig, VisionConfig
+
+    return LlavaConfig(
+        vision=VisionConfig(hidden_size=256, intermediate_size=1024, num_layers=4, num_heads=4,
+                            image_size=112, patch_size=14),
+        text=TextConfig(vocab_size=32064, hidden_size=512, intermediate_size=1376, num_layers=4,
+                        num_heads=8, num_kv_heads=8, max_position_embeddings=2048),
+        image_token_index=32000, pad_token_id=32001, dtype=dtype, param_dtype="float32",
+        remat_policy="none")
+
+
+def make_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
+    """One image per row: BOS, 64 image tokens, text; labels on the second half of the text."""
+    rng = np.random.RandomState(seed)
+    input_ids = rng.randint(3, 32000, (BATCH, SEQ)).astype(np.int32)
+    input_ids[:, 0] = 1
+    input_ids[:, 1:1 + IMAGE_TOKENS] = config.image_token_index
+    labels = np.full((BATCH, SEQ), -100, np.int32)
+    labels[:, SEQ // 2:] = input_ids[:, SEQ // 2:]
+    size = config.vision.image_size
+    return {"input_ids": input_ids, "labels": labels,
+            "segment_ids": np.ones((BATCH, SEQ), np.int32),
+            "positions": np.broadcast_to(np.arange(SEQ, dtype=np.int32), (BATCH, SEQ)).copy(),
+            "pixel_values": rng.randn(BATCH, 1, size, size, 3).astype(np.float32),
+            "image_mask": np.ones((BATCH, 1), bool)}
+
+
+class JaxSide:
+    def __init__(self, dtype: str, params: dict | None):
+        import jax
+        import ml_collections
+        from flax import nnx
+
+        from llava_jax import sharding
+        from llava_jax.train_config import default_config
+        from llava_jax.trainer import build_step, random_params
+
+        self.config = bench_config(dtype)
+        train_config = default_config(stage=2)
+        train_config.loss_chunk_size = 0
+        train_config.optim.learning_rate = 1e-5
+        mesh = sharding.make_mesh(ml_collections.ConfigDict(
+            {"data": 1, "fsdp": 1, "tensor": 1}), jax.devices()[:1])
+        self.step = build_step(train_config, self.config, mesh, total_steps=100)
+        if params is None:
+            params = random_params(self.config, 0, self.step["shardings"])
+        self.params = params
+        from llava_jax import optim
+
+        self.trainable, self.frozen = optim.split_params(params, optim.STAGE_TRAINABLE[2])
+        self.trainable = jax.tree.map(lambda x: x.copy(), self.trainable)  # donated each step
+        self.opt_state = jax.jit(self.step["tx"].init)(self.trainable)
+        batch = make_batch(self.config)
+        self.batch = {k: jax.device_put(v[None]) for k, v in batch.items()}
+        self.nnx = nnx
+
+    def __call__(self) -> float:
+        import jax
+
+        start = time.perf_counter()
+        self.trainable, self.opt_state, metrics = self.step["train_step"](
+            self.trainable, self.frozen, self.opt_state, self.batch)
+        loss = float(jax.device_get(metrics["loss"]))
+        self.elapsed = time.perf_counter() - start
+        return loss
+
+
+class TorchSide:
+    def __init__(self, dtype: str, params: dict):
+        import torch
+        import transformers
+
+        from llava_jax.convert import hf_config, mapping
+
+        config = bench_config("float32")
+        hf = transformers.LlavaConfig.from_dict(hf_config.to_hf_llava(config))
+        hf.text_config._attn_implementation = "sdpa"
+        hf.vision_config._attn_implementation = "sdpa"
+        self.model = transformers.LlavaForConditionalGeneration(hf).float().train()
+        names = {"language_model.model.": "model.language_model.",
+                 "language_model.lm_head.": "lm_head.",
+                 "vision_tower.vision_model.": "model.vision_tower.",
+                 "multi_modal_projector.": "model.multi_modal_projector."}
+        model_like = _as_model(config, params)
+        state = {}
+        for name, value in mapping.torch_tensors(model_like).items():
+            for old, new in names.items():
+                if name.startswith(old):
+                    state[new + name[len(old):]] = torch.from_numpy(np.array(value, np.float32))
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        assert not [m for m in missing if "position_ids" not in m] and not unexpected, \
+            (missing, unexpected)
+        for name, param in self.model.named_parameters():
+            param.requires_grad = "vision_tower" not in name
+        self.optimizer = torch.optim.AdamW(
+            [p for p in self.model.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.0)
+        batch = make_batch(config)
+        self.inputs = {
+            "input_ids": torch.from_numpy(batch["input_ids"]).long(),
+            "labels": torch.from_numpy(batch["labels"]).long(),
+            "attention_mask": torch.ones(BATCH, SEQ, dtype=torch.long),
+            "pixel_values": torch.from_numpy(batch["pixel_values"][:, 0].transpose(0, 3, 1, 2)
+                                             .copy()),
+        }
+        self.autocast = dtype == "bfloat16"
+        self.torch = torch
+
+    def __call__(self) -> float:
+        torch = self.torch
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+            loss = self.model(**self.inputs).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
+                                       1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        value = float(loss.detach())
+        self.elapsed = time.perf_counter() - start
+        return value
+
+
+def _as_model(config, params):
+    """A LlavaModel holding `params` (what mapping.torch_tensors reads)."""
+    from flax import nnx
+
+    from llava_jax.models.llava import LlavaModel
+
+    abstract = nnx.eval_shape(lambda: LlavaModel(config, rngs=nnx.Rngs(params=0)))
+    graphdef, _ = nnx.split(abstract)
+    return nnx.merge(graphdef, params)
+
+
+def measure_peak(repeats: int = 3) -> float:
+    """bf16 x bf16 -> f32 matmul FLOP/s (the peak this machine's XLA reaches)."""
+    import jax
+    import jax.numpy as jnp
+
+    n = 4096
+    a = jnp.ones((n, n), jnp.bfloat16)
+    dot = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+    dot(a, a).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dot(a, a).block_until_ready()
+        times.append(time.perf_counter() - start)
+    return 2 * n ** 3 / statistics.median(times)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m llava_jax.bench train",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--json", default="", help="also write the results here")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    import jax
+    import torch
+
+    from llava_jax import metrics
+
+    dtypes = [d for d in args.dtypes.split(",") if d]
+    print(f"jax {jax.__version__} ({jax.devices()[0].device_kind}), torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads); batch {BATCH} x {SEQ} tokens, "
+          f"{IMAGE_TOKENS} image tokens; projector + LLM train, CLIP frozen", flush=True)
+    reference = JaxSide("float32", None)
+    shared = jax.tree.map(np.asarray, reference.params)
+    sides = {}
+    for dtype in dtypes:
+        sides[("llava_jax", dtype)] = reference if dtype == "float32" else JaxSide(dtype, shared)
+        sides[("torch", dtype)] = TorchSide(dtype, shared)
+    for side in sides.values():
+        for _ in range(args.warmup):
+            side()
+    times = {key: [] for key in sides}
+    first_loss = {}
+    for repeat in range(args.repeats):
+        order = list(sides) if repeat % 2 == 0 else list(reversed(list(sides)))
+        for key in order:
+            loss = sides[key]()
+            first_loss.setdefault(key, loss)
+            times[key].append(sides[key].elapsed)
+    peak = measure_peak()
+    config = bench_config("float32")
+    flops = metrics.train_step_flops(config, BATCH, SEQ, 1, train_projector=True, train_llm=True)
+    tokens = BATCH * SEQ
+    result = {"peak_bf16_flops": peak, "model_flops_per_step": flops, "rows": []}
+    print(f"measured bf16 matmul peak: {peak / 1e9:.0f} GFLOP/s; model FLOPs/step "
+          f"{flops / 1e9:.1f} G")
+    print(f"{'side':<10} {'dtype':<9} {'s/step':>8} {'tokens/s':>9} {'MFU':>6} {'loss':>8}")
+    for key in sides:
+        median = statistics.median(times[key])
+        row = {"side": key[0], "dtype": key[1], "seconds_per_step": median,
+               "tokens_per_s": tokens / median, "mfu": flops / median / peak,
+               "first_loss": first_loss[key]}
+        result["rows"].append(row)
+        print(f"{key[0]:<10} {key[1]:<9} {median:8.3f} {row['tokens_per_s']:9.0f} "
+              f"{row['mfu']:6.1%} {row['first_loss']:8.4f}")
+    for dtype in dtypes:
+        ratio = statistics.median(times[("torch", dtype)]) / statistics.median(
+            times[("llava_jax", dtype)])
+        result[f"speedup_{dtype}"] = ratio
+        print(f"llava_jax / torch tokens/s, {dtype}: {ratio:.2f}x")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(result, handle, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()
