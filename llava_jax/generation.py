@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llava_jax.models.llama import MASK_VALUE, apply_rotary, attention_mask, rotary_tables
+from llava_jax.models.llama import attention_mask, rotary_tables
 
 PROMPT_BUCKET = 32  # prompt lengths are rounded up to a multiple of this (left padding)
 _NO_TOKEN = -1  # filler in the stop-sequence window: never equals a real token id
@@ -205,35 +205,6 @@ def _step_cache(cache: dict, layers) -> dict:
             "segment_ids": cache["segment_ids"]}
 
 
-def _decode_layer(layer, hidden, cos, sin, mask, cache, slot):
-    """LlamaDecoderLayer.__call__ for one new token per row, over a [b, kv_heads, slots, hd]
-    cache (same math as models/llama.py; the parity tests compare both paths with HF)."""
-    attn = layer.self_attn
-    batch = hidden.shape[0]
-    heads, kv_heads, head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
-    x = layer.input_layernorm(hidden)
-    q = attn.q_proj(x).reshape(batch, 1, heads, head_dim)
-    k = attn.k_proj(x).reshape(batch, 1, kv_heads, head_dim)
-    v = attn.v_proj(x).reshape(batch, 1, kv_heads, head_dim)
-    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-    keys = jax.lax.dynamic_update_slice(
-        cache["k"], k.transpose(0, 2, 1, 3).astype(cache["k"].dtype), (0, 0, slot, 0))
-    values = jax.lax.dynamic_update_slice(
-        cache["v"], v.transpose(0, 2, 1, 3).astype(cache["v"].dtype), (0, 0, slot, 0))
-    # Query head h * groups + g shares key/value head h (the model's GQA grouping).
-    q = q.reshape(batch, kv_heads, heads // kv_heads, head_dim)
-    scores = jnp.einsum("bhgd,bhkd->bhgk", q, keys.astype(attn.dtype),
-                        preferred_element_type=jnp.float32) * head_dim**-0.5
-    scores = jnp.where(mask, scores, MASK_VALUE)  # mask [b, 1, 1, slots]
-    probs = jax.nn.softmax(scores, axis=-1).astype(attn.dtype)
-    out = jnp.einsum("bhgk,bhkd->bhgd", probs, values.astype(attn.dtype),
-                     preferred_element_type=jnp.float32)
-    out = out.astype(attn.dtype).reshape(batch, 1, heads * head_dim)
-    hidden = hidden + attn.o_proj(out)
-    hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-    return hidden, {"k": keys, "v": values}
-
-
 def _decode(model, layers, token, cache, slot, position):
     """One step: token int32 [b] at cache `slot`, rotary `position` [b] -> logits [b, V].
 
@@ -255,7 +226,7 @@ def _decode(model, layers, token, cache, slot, position):
     hidden = lm.embed(token[:, None])
     new_layers = []
     for layer, layer_cache in zip(layers, cache["layers"]):
-        hidden, layer_cache = _decode_layer(layer, hidden, cos, sin, mask, layer_cache, slot)
+        hidden, layer_cache = layer.decode_one(hidden, cos, sin, mask, layer_cache, slot)
         new_layers.append(layer_cache)
     logits = lm.logits(lm.norm(hidden))[:, 0]
     return logits, {"layers": new_layers, "segment_ids": kv_segments}

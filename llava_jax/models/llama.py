@@ -118,6 +118,42 @@ class LlamaDecoderLayer(nnx.Module):
         x = x + attn
         return x + self.mlp(self.post_attention_layernorm(x)), cache
 
+    def decode_one(self, hidden, cos, sin, mask, cache, slot):
+        """`__call__` for one new token per row over a per-layer cache in decode layout.
+
+        The same math as `__call__` with a cache, for generation's unstacked CPU path
+        (llava_jax/generation.py explains why), which keeps one cache per layer as
+        k, v [b, kv_heads, slots, hd] so the attention dots need no transposes.
+
+        Args:
+          hidden: [b, 1, d]; cos, sin: [b, 1, hd]; mask: bool [b, 1, 1, slots];
+          cache: {'k', 'v'} [b, kv_heads, slots, hd]; slot: the slot to write.
+        """
+        attn = self.self_attn
+        batch = hidden.shape[0]
+        heads, kv_heads, head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
+        x = self.input_layernorm(hidden)
+        q = attn.q_proj(x).reshape(batch, 1, heads, head_dim)
+        k = attn.k_proj(x).reshape(batch, 1, kv_heads, head_dim)
+        v = attn.v_proj(x).reshape(batch, 1, kv_heads, head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        keys = jax.lax.dynamic_update_slice(
+            cache["k"], k.transpose(0, 2, 1, 3).astype(cache["k"].dtype), (0, 0, slot, 0))
+        values = jax.lax.dynamic_update_slice(
+            cache["v"], v.transpose(0, 2, 1, 3).astype(cache["v"].dtype), (0, 0, slot, 0))
+        # Query head h * groups + g shares key/value head h, as in LlamaAttention.
+        q = q.reshape(batch, kv_heads, heads // kv_heads, head_dim)
+        scores = jnp.einsum("bhgd,bhkd->bhgk", q, keys.astype(attn.dtype),
+                            preferred_element_type=jnp.float32) * head_dim**-0.5
+        scores = jnp.where(mask, scores, MASK_VALUE)
+        probs = jax.nn.softmax(scores, axis=-1).astype(attn.dtype)
+        out = jnp.einsum("bhgk,bhkd->bhgd", probs, values.astype(attn.dtype),
+                         preferred_element_type=jnp.float32)
+        out = out.astype(attn.dtype).reshape(batch, 1, heads * head_dim)
+        hidden = hidden + attn.o_proj(out)
+        hidden = hidden + self.mlp(self.post_attention_layernorm(hidden))
+        return hidden, {"k": keys, "v": values}
+
 
 class LlamaModel(nnx.Module):
     """Token embeddings -> decoder layers -> final norm -> LM head."""
