@@ -54,8 +54,9 @@ def run(config, workdir: str) -> dict:
         if trainer and __import__("jax").process_index() == 0:
             with open(os.path.join(workdir, "eval_results.json"), "w") as handle:
                 json.dump(results, handle, indent=2)
-        print(json.dumps({"accuracy": results["accuracy"],
-                          "num_examples": results["num_examples"]}), flush=True)
+        print(json.dumps({key: results[key] for key in ("accuracy", "num_examples",
+                                                       "per_category") if key in results}),
+              flush=True)
     return summary
 
 
