@@ -26,6 +26,7 @@ setup(
         "numpy>=1.26",
         "pillow>=10.0",
         "tqdm>=4.66",
+        "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
     ],
     extras_require={
         "torch": [TORCH],
