@@ -204,6 +204,21 @@ def test_stage1_projector_onto_plain_llama(tmp_path):
                                   proj[2].weight.detach().numpy().T)
 
 
+def test_init_projector_builds_a_stage1_start_from_plain_llama(tmp_path):
+    llava_dir, clip_dir, state, _, _ = write_original_llava(tmp_path, with_projector=False)
+    out = llava_to_jax(str(llava_dir), str(clip_dir), str(tmp_path / "jax"),
+                       init_projector="mlp2x_gelu", progress=False)
+    loaded = load_pretrained(out)
+    assert loaded.config.projector_type == "mlp2x_gelu"
+    kernel = np.asarray(loaded.model.multi_modal_projector.linear_1.kernel[...])
+    assert kernel.shape == (64, 128) and 0 < np.abs(kernel).max() <= 1 / np.sqrt(64)
+    np.testing.assert_array_equal(np.asarray(loaded.model.language_model.norm.scale[...]),
+                                  state["model.norm.weight"].numpy())
+    with pytest.raises(ValueError, match="not both"):
+        llava_to_jax(str(llava_dir), str(clip_dir), str(tmp_path / "x"), projector="p.bin",
+                     init_projector="mlp2x_gelu", progress=False)
+
+
 def test_llava_to_jax_adds_image_and_pad_tokens_to_the_tokenizer(tmp_path, llama_tokenizer_path):
     import shutil
 

@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LlavaLlamaForCausalLM directory, or a plain LLaMA/Vicuna with --projector")
     p.add_argument("--vision-tower", required=True, help="CLIPVisionModel or CLIPModel directory")
     p.add_argument("--projector", default=None, help="stage-1 mm_projector.bin (or .safetensors)")
+    p.add_argument("--init-projector", default=None, metavar="TYPE",
+                   help="plain LLaMA input: add a freshly initialised projector of this type "
+                        "(e.g. mlp2x_gelu): the stage-1 starting point")
     p.add_argument("--vision-feature-layer", type=int, default=None,
                    help="override mm_vision_select_layer (default: config, else -2)")
     p.add_argument("--image-aspect", choices=("pad", "square"), default=None,
@@ -63,7 +66,8 @@ def main(argv=None) -> int:
                                  overwrite=args.overwrite, progress=progress)
         elif args.command == "llava-to-jax":
             out = core.llava_to_jax(args.input, args.vision_tower, args.output,
-                                    projector=args.projector, dtype=args.dtype,
+                                    projector=args.projector,
+                                    init_projector=args.init_projector, dtype=args.dtype,
                                     vision_feature_layer=args.vision_feature_layer,
                                     image_aspect=args.image_aspect, overwrite=args.overwrite,
                                     progress=progress)

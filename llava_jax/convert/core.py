@@ -200,12 +200,17 @@ def _projector_type_from_names(names: list[str]) -> str:
 
 
 def llava_to_jax(input_dir: str, vision_tower_dir: str, output_dir: str, *,
-                 projector: str | None = None, dtype: str | None = None,
+                 projector: str | None = None, init_projector: str | None = None,
+                 dtype: str | None = None,
                  vision_feature_layer: int | None = None, image_aspect: str | None = None,
                  overwrite: bool = False, progress: bool = True, seed: int = 0) -> Path:
     """Original LLaVA layout (+ separate CLIP) -> llava_jax model directory.
 
     With `projector` (a stage-1 `mm_projector.bin`), `input_dir` may be a plain
+    Vicuna/LLaMA: the result is a stage-2 starting point. With `init_projector` (a projector
+    type, e.g. 'mlp2x_gelu') instead, a plain LLaMA gets a freshly initialised projector:
+    the starting point of stage 1, which trains it.
+    Without either, `input_dir` must be an original LLaVA model.
     Vicuna/LLaMA: the result is a stage-2 starting point.
     """
     input_dir, vision_dir = Path(input_dir), Path(vision_tower_dir)
@@ -216,9 +221,15 @@ def llava_to_jax(input_dir: str, vision_tower_dir: str, output_dir: str, *,
                               "original LLaVA (llava_llama) or LLaMA model.")
     if model_type == "llava":
         raise CheckpointError(f"{input_dir} is a transformers LLaVA directory; use `hf-to-jax`.")
-    if model_type == "llama" and projector is None:
+    if projector is not None and init_projector is not None:
+        raise ValueError("Pass either --projector (a trained one) or --init-projector, not both.")
+    if model_type == "llama" and projector is None and init_projector is None:
         raise CheckpointError(f"{input_dir} is a plain LLaMA model; pass --projector "
-                              "mm_projector.bin (stage-1 output) to build a LLaVA model from it.")
+                              "mm_projector.bin (stage-1 output) for a stage-2 start, or "
+                              "--init-projector mlp2x_gelu for a stage-1 start.")
+    if init_projector is not None and model_type != "llama":
+        raise CheckpointError(f"{input_dir} already holds a LLaVA projector; --init-projector "
+                              "is for plain LLaMA/Vicuna models.")
     clip_json = _read_json(vision_dir / "config.json")
 
     llava_reader = TensorReader(input_dir, mapping.canonical_llava_name)
@@ -240,7 +251,7 @@ def llava_to_jax(input_dir: str, vision_tower_dir: str, output_dir: str, *,
         raise CheckpointError(f"{input_dir}: no model.embed_tokens.weight tensor.")
     old_vocab = owner[embed_name].get(embed_name).shape[0]
     padded_vocab = -(-(old_vocab + 2) // 64) * 64
-    projector_type = None
+    projector_type = init_projector
     if projector is not None:
         projector_type = _projector_type_from_names(
             [n for n in owner if n.startswith("multi_modal_projector.")])
@@ -273,10 +284,23 @@ def llava_to_jax(input_dir: str, vision_tower_dir: str, output_dir: str, *,
                     padded[name] = _pad_rows(np.asarray(table), padded_vocab - table.shape[0],
                                              seed + (name == head_name))
                 return padded[name]
+            if name.startswith("multi_modal_projector.") and init_projector is not None:
+                return fresh_projector[name]
             return owner[name].get(name)
 
         specs = _specs(config)
-        available = set(owner) | {head_name}
+        fresh_projector = {}
+        if init_projector is not None:  # the initialisation of transformers' nn.Linear
+            rng = np.random.default_rng(seed)
+            for spec in specs:
+                if spec.path.startswith("multi_modal_projector/"):
+                    (name,) = spec.torch_names
+                    shape = spec.to_torch(np.empty(spec.shape, np.int8)).shape
+                    first = name.startswith("multi_modal_projector.linear_1.")
+                    fan_in = config.projector_input_size if first else config.text.hidden_size
+                    bound = 1 / np.sqrt(fan_in)
+                    fresh_projector[name] = rng.uniform(-bound, bound, shape).astype(np.float32)
+        available = set(owner) | {head_name} | set(fresh_projector)
         _check_names(specs, available, describe, f"{input_dir} + {vision_dir}")
         with checkpoint.ModelWriter(output_dir, config, overwrite=overwrite) as writer:
             _write_params(specs, get_tensor, describe, writer, np_dtype, progress)
