@@ -181,12 +181,10 @@ def _decode_layers(model, unstack: bool):
     of per-layer modules for the unstacked decode path.
 
     Why a separate decode path: the model keeps layer weights stacked [layers, ...] and
-    slices layer i inside its forward, and keeps the cache as [b, slots, kv_heads, hd]. On
-    CPU, XLA materialises the weight slice (a copy of every layer's weights) on every step,
-    and lays the cache out as [b, kv_heads, slots, hd] for the attention dot, transposing the
-    whole cache of every layer twice per step. Slicing the weights once before the loop and
-    keeping one [b, kv_heads, slots, hd] cache per layer removes all three copies. It costs
-    one temporary copy of the decoder weights, so it is the default on CPU only.
+    slices layer i inside its (scanned) forward. On CPU, XLA materialises that slice (a copy
+    of every layer's weights) on every decode step. Slicing the weights once before the loop
+    removes the copies; it costs one temporary copy of the decoder weights per call, so it is
+    the default on CPU only. The per-layer modules run their own `__call__`.
     """
     if not unstack:
         return None
@@ -197,11 +195,10 @@ def _decode_layers(model, unstack: bool):
 
 def _step_cache(cache: dict, layers) -> dict:
     """The prefill cache in the decode layout: the model's (stacked) or, for the unstacked
-    path, per layer k, v [b, kv_heads, slots, head_dim]."""
+    path, one {k, v} [b, kv_heads, slots, head_dim] per layer."""
     if layers is None:
         return cache
-    return {"layers": [{"k": cache["k"][i].transpose(0, 2, 1, 3),
-                        "v": cache["v"][i].transpose(0, 2, 1, 3)} for i in range(len(layers))],
+    return {"layers": [{"k": cache["k"][i], "v": cache["v"][i]} for i in range(len(layers))],
             "segment_ids": cache["segment_ids"]}
 
 
@@ -226,7 +223,7 @@ def _decode(model, layers, token, cache, slot, position):
     hidden = lm.embed(token[:, None])
     new_layers = []
     for layer, layer_cache in zip(layers, cache["layers"]):
-        hidden, layer_cache = layer.decode_one(hidden, cos, sin, mask, layer_cache, slot)
+        hidden, layer_cache = layer(hidden, cos, sin, mask, layer_cache, slot)
         new_layers.append(layer_cache)
     logits = lm.logits(lm.norm(hidden))[:, 0]
     return logits, {"layers": new_layers, "segment_ids": kv_segments}

@@ -65,29 +65,33 @@ class LlamaAttention(nnx.Module):
 
     def __call__(self, x: Array, cos: Array, sin: Array, mask: Array, cache=None,
                  cache_index=None):
-        """x [b, s, d]; mask [b, 1, s, kv_len]; cache {'k','v': [b, max_len, kv_heads, hd]}.
+        """x [b, s, d]; mask [b, 1, s, kv_len]; cache {'k','v': [b, kv_heads, max_len, hd]}.
 
         Returns (out [b, s, d], new cache or None). With a cache the new keys/values are
-        written at `cache_index` and attention runs over the whole (masked) cache.
+        written at `cache_index` and attention runs over the whole (masked) cache. Keys and
+        values are head-major ([b, kv_heads, slots, hd]), the layout the attention dots read,
+        so decoding never transposes the cache.
         """
         batch, seq, _ = x.shape
         q = self.q_proj(x).reshape(batch, seq, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(batch, seq, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(batch, seq, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, kv_heads, s, hd]
         if cache is not None:
-            start = (0, cache_index, 0, 0)
+            start = (0, 0, cache_index, 0)
             k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
             v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
             cache = {"k": k, "v": v}
             k, v = k.astype(self.dtype), v.astype(self.dtype)
         groups = self.num_heads // self.num_kv_heads
+        # Query head h * groups + g shares key/value head h.
         q = q.reshape(batch, seq, self.num_kv_heads, groups, self.head_dim)
-        logits = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=jnp.float32)
+        logits = jnp.einsum("bqhgd,bhkd->bhgqk", q, k, preferred_element_type=jnp.float32)
         logits = logits * self.head_dim**-0.5
         logits = jnp.where(mask[:, :, None], logits, MASK_VALUE)  # [b, 1, 1, q, k] broadcast
         probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v, preferred_element_type=jnp.float32)
+        out = jnp.einsum("bhgqk,bhkd->bqhgd", probs, v, preferred_element_type=jnp.float32)
         out = out.astype(self.dtype).reshape(batch, seq, self.num_heads * self.head_dim)
         return self.o_proj(out), cache
 
@@ -117,42 +121,6 @@ class LlamaDecoderLayer(nnx.Module):
         attn, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_index)
         x = x + attn
         return x + self.mlp(self.post_attention_layernorm(x)), cache
-
-    def decode_one(self, hidden, cos, sin, mask, cache, slot):
-        """`__call__` for one new token per row over a per-layer cache in decode layout.
-
-        The same math as `__call__` with a cache, for generation's unstacked CPU path
-        (llava_jax/generation.py explains why), which keeps one cache per layer as
-        k, v [b, kv_heads, slots, hd] so the attention dots need no transposes.
-
-        Args:
-          hidden: [b, 1, d]; cos, sin: [b, 1, hd]; mask: bool [b, 1, 1, slots];
-          cache: {'k', 'v'} [b, kv_heads, slots, hd]; slot: the slot to write.
-        """
-        attn = self.self_attn
-        batch = hidden.shape[0]
-        heads, kv_heads, head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
-        x = self.input_layernorm(hidden)
-        q = attn.q_proj(x).reshape(batch, 1, heads, head_dim)
-        k = attn.k_proj(x).reshape(batch, 1, kv_heads, head_dim)
-        v = attn.v_proj(x).reshape(batch, 1, kv_heads, head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        keys = jax.lax.dynamic_update_slice(
-            cache["k"], k.transpose(0, 2, 1, 3).astype(cache["k"].dtype), (0, 0, slot, 0))
-        values = jax.lax.dynamic_update_slice(
-            cache["v"], v.transpose(0, 2, 1, 3).astype(cache["v"].dtype), (0, 0, slot, 0))
-        # Query head h * groups + g shares key/value head h, as in LlamaAttention.
-        q = q.reshape(batch, kv_heads, heads // kv_heads, head_dim)
-        scores = jnp.einsum("bhgd,bhkd->bhgk", q, keys.astype(attn.dtype),
-                            preferred_element_type=jnp.float32) * head_dim**-0.5
-        scores = jnp.where(mask, scores, MASK_VALUE)
-        probs = jax.nn.softmax(scores, axis=-1).astype(attn.dtype)
-        out = jnp.einsum("bhgk,bhkd->bhgd", probs, values.astype(attn.dtype),
-                         preferred_element_type=jnp.float32)
-        out = out.astype(attn.dtype).reshape(batch, 1, heads * head_dim)
-        hidden = hidden + attn.o_proj(out)
-        hidden = hidden + self.mlp(self.post_attention_layernorm(hidden))
-        return hidden, {"k": keys, "v": values}
 
 
 class LlamaModel(nnx.Module):
@@ -231,9 +199,9 @@ class LlamaModel(nnx.Module):
         return out, {"k": new_kv["k"], "v": new_kv["v"], "segment_ids": kv_segments}
 
     def init_cache(self, batch: int, max_length: int, dtype=None) -> dict:
-        """An empty KV cache: k, v [layers, b, max_length, kv_heads, head_dim]; segment_ids [b, max_length]."""
+        """An empty KV cache: k, v [layers, b, kv_heads, max_length, head_dim]; segment_ids [b, max_length]."""
         config = self.config
-        shape = (config.num_layers, batch, max_length, config.num_kv_heads,
+        shape = (config.num_layers, batch, config.num_kv_heads, max_length,
                  config.resolved_head_dim)
         dtype = dtype or self.dtype
         return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
