@@ -153,8 +153,13 @@ def params_directory(path: str | os.PathLike, step: int | None = None) -> Path:
     return candidate / "state" if (candidate / "state" / "_METADATA").exists() else candidate
 
 
-def load_params(path: str | os.PathLike, abstract_params: Any, *, step: int | None = None) -> Any:
-    """Restores the params tree into the given abstract tree (shapes, dtypes, shardings)."""
+def load_params(path: str | os.PathLike, abstract_params: Any, *, step: int | None = None,
+                partial: bool = False) -> Any:
+    """Restores the params tree into the given abstract tree (shapes, dtypes, shardings).
+
+    Leaves with a `.sharding` come back as sharded jax.Arrays, others as numpy arrays.
+    partial: `abstract_params` names only a sub-tree; the rest is never read.
+    """
     import orbax.checkpoint as ocp
 
     _quiet_orbax()
@@ -169,7 +174,8 @@ def load_params(path: str | os.PathLike, abstract_params: Any, *, step: int | No
     checkpointer = ocp.PyTreeCheckpointer()
     try:
         return checkpointer.restore(directory.absolute(), args=ocp.args.PyTreeRestore(
-            item=abstract_params, restore_args=jax.tree.map(restore_args, abstract_params)))
+            item=abstract_params, restore_args=jax.tree.map(restore_args, abstract_params),
+            partial_restore=partial))
     except ValueError as e:
         raise ValueError(f"{directory}: parameters do not match the model described by "
                          f"{CONFIG_FILE} ({e}).") from e
@@ -177,19 +183,10 @@ def load_params(path: str | os.PathLike, abstract_params: Any, *, step: int | No
 
 def load_param_leaf(path: str | os.PathLike, flat_name: str, shape, dtype) -> np.ndarray:
     """Restores one parameter by flat path without reading the rest (for streaming export)."""
-    import orbax.checkpoint as ocp
+    from llava_jax.convert.mapping import unflatten
 
-    _quiet_orbax()
-    tree: dict = {}
-    node = tree
-    *parents, leaf = flat_name.split("/")
-    for part in parents:
-        node = node.setdefault(part, {})
-    node[leaf] = jax.ShapeDtypeStruct(tuple(shape), dtype)
-    restore = jax.tree.map(lambda s: ocp.RestoreArgs(restore_type=np.ndarray, dtype=s.dtype), tree)
-    out = ocp.PyTreeCheckpointer().restore(
-        params_directory(path).absolute(),
-        args=ocp.args.PyTreeRestore(item=tree, restore_args=restore, partial_restore=True))
+    out = load_params(path, unflatten({flat_name: jax.ShapeDtypeStruct(tuple(shape), dtype)}),
+                      partial=True)
     for part in flat_name.split("/"):
         out = out[part]
     return out
@@ -203,10 +200,10 @@ def stored_param_dtypes(path: str | os.PathLike) -> dict[str, np.dtype]:
     metadata = ocp.PyTreeCheckpointer().metadata(params_directory(path).absolute())
     tree = getattr(metadata, "item_metadata", None) or getattr(metadata, "tree", metadata)
     tree = getattr(tree, "tree", tree)
-    flat = {}
-    for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        flat["/".join(str(getattr(k, "key", k)) for k in key_path)] = np.dtype(leaf.dtype)
-    return flat
+    from llava_jax.sharding import flat_path
+
+    return {flat_path(key_path): np.dtype(leaf.dtype)
+            for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def load_tokenizer(path: str | os.PathLike):

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from llava_jax.convert.mapping import flatten, unflatten
 from llava_jax.sharding import flat_path
 
 # LLaVA: stage 1 trains the projector; stage 2 the projector and the LLM; CLIP never trains.
@@ -34,24 +35,12 @@ def stage_trainable_pattern(stage: int, override: str = "") -> str:
     return STAGE_TRAINABLE[stage]
 
 
-def _filter(tree: dict, keep, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict):
-            sub = _filter(value, keep, path + "/")
-            if sub:
-                out[key] = sub
-        elif keep(path):
-            out[key] = value
-    return out
-
-
 def split_params(params: dict, trainable_pattern: str) -> tuple[dict, dict]:
     """(trainable, frozen) nested dicts; a leaf is trainable if the regex matches its path."""
     regex = re.compile(trainable_pattern)
-    trainable = _filter(params, lambda p: regex.search(p) is not None)
-    frozen = _filter(params, lambda p: regex.search(p) is None)
+    flat = flatten(params)
+    trainable = unflatten({p: v for p, v in flat.items() if regex.search(p)})
+    frozen = unflatten({p: v for p, v in flat.items() if not regex.search(p)})
     if not trainable:
         raise ValueError(f"trainable={trainable_pattern!r} matches no parameter.")
     return trainable, frozen

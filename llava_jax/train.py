@@ -27,6 +27,8 @@ def run(config, workdir: str) -> dict:
     from llava_jax import sharding
 
     sharding.maybe_initialize_distributed(config.get("distributed", "auto"))
+    import jax
+
     from llava_jax.trainer import Trainer  # after distributed init: it touches devices
 
     stage_names = tuple(config.stages) if "stages" in config else (None,)
@@ -51,7 +53,7 @@ def run(config, workdir: str) -> dict:
             max_new_tokens=evaluation.max_new_tokens, template=stage.data.template,
             limit=evaluation.get("limit") or None)
         summary["eval"] = results
-        if trainer and __import__("jax").process_index() == 0:
+        if jax.process_index() == 0:
             with open(os.path.join(workdir, "eval_results.json"), "w") as handle:
                 json.dump(results, handle, indent=2)
         print(json.dumps({key: results[key] for key in ("accuracy", "num_examples",

@@ -1,4 +1,4 @@
-"""LLaVA training: config schema, state set-up, the jitted train step, and the loop.
+"""LLaVA training: state set-up, the jitted train step, and the loop (schema: train_config.py).
 
 State is three nested dicts of jax.Arrays: `trainable` and `frozen` parameters (split by a
 regex on the parameter path, see optim.py) and the optax state of the trainable ones. The
@@ -88,6 +88,7 @@ def make_train_step(graphdef, tx, *, loss_chunk_size: int):
         updates, new_opt_state = tx.update(grads, opt_state, trainable)
         new_trainable = optax.apply_updates(trainable, updates)
         # A non-finite step changes nothing; the host stops the run when it sees the flag.
+        # The new params too: finite gradients times a huge learning rate still overflow.
         finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
                   & jnp.isfinite(optax.tree.norm(new_trainable)))
         keep = lambda new, old: jnp.where(finite, new, old)
@@ -169,56 +170,61 @@ def random_params(model_config: LlavaConfig, seed: int, shardings, *,
     return jax.jit(init, out_shardings=shardings)()
 
 
-def _restore_subset(path: str, abstract_subset: dict, shardings) -> dict:
-    """Restores only the given sub-tree of a model dir / workdir's params (partial restore)."""
-    import orbax.checkpoint as ocp
-
-    directory = ckpt.params_directory(path).absolute()
-    restore_args = jax.tree.map(
-        lambda leaf, s: ocp.ArrayRestoreArgs(dtype=leaf.dtype, sharding=s, global_shape=leaf.shape),
-        abstract_subset, shardings)
-    return ocp.PyTreeCheckpointer().restore(directory, args=ocp.args.PyTreeRestore(
-        item=abstract_subset, restore_args=restore_args, partial_restore=True))
+def with_shardings(abstract: dict, shardings: dict) -> dict:
+    """ShapeDtypeStructs carrying their target sharding (what orbax restores into)."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, shardings)
 
 
-def load_projector(source: str, abstract_proj: dict, shardings: dict) -> dict:
+def _projector_specs(model_config: LlavaConfig, projector: dict):
+    """Conversion specs of the projector sub-tree (paths relative to it, as `flatten` gives)."""
+    from llava_jax.convert import mapping
+
+    shapes = {f"multi_modal_projector/{path}": value.shape
+              for path, value in mapping.flatten(projector).items()}
+    return [(spec.path.removeprefix("multi_modal_projector/"), spec)
+            for spec in mapping.param_specs(model_config, shapes)]
+
+
+def load_projector(source: str, model_config: LlavaConfig, abstract_proj: dict,
+                   shardings: dict) -> dict:
     """The 'multi_modal_projector' sub-tree from a workdir / model dir or an original file."""
     if os.path.isdir(source):
-        return _restore_subset(source, {"multi_modal_projector": abstract_proj},
-                               {"multi_modal_projector": shardings})["multi_modal_projector"]
+        subset = {"multi_modal_projector": with_shardings(abstract_proj, shardings)}
+        return ckpt.load_params(source, subset, partial=True)["multi_modal_projector"]
     from llava_jax.convert import mapping
     from llava_jax.convert.tensors import TensorReader
 
     reader = TensorReader(source, mapping.canonical_llava_name)
+    flat_abstract, flat_shardings = mapping.flatten(abstract_proj), mapping.flatten(shardings)
     out = {}
-    for layer, leaves in abstract_proj.items():
-        out[layer] = {}
-        for leaf, spec in leaves.items():
-            name = f"multi_modal_projector.{layer}.{'weight' if leaf == 'kernel' else 'bias'}"
-            if name not in reader:
-                raise ValueError(f"config.model.projector={source!r}: no tensor for {name} "
-                                 f"(has {sorted(reader.names())[:6]})")
-            value = reader.get(name)
-            value = value.T if leaf == "kernel" else value
-            if value.shape != spec.shape:
-                raise ValueError(f"config.model.projector: {name} has shape {value.shape}, the "
-                                 f"model needs {spec.shape}")
-            out[layer][leaf] = jax.device_put(value.astype(spec.dtype), shardings[layer][leaf])
-    return out
+    for leaf, spec in _projector_specs(model_config, abstract_proj):
+        (name,) = spec.torch_names
+        if name not in reader:
+            raise ValueError(f"config.model.projector={source!r}: no tensor for {name} "
+                             f"(has {reader.names()[:6]})")
+        value = spec.to_ours(reader.get(name))
+        if value.shape != spec.shape:
+            raise ValueError(f"config.model.projector: {name} has shape {value.shape}, the "
+                             f"model needs {spec.shape}")
+        out[leaf] = jax.device_put(value.astype(flat_abstract[leaf].dtype), flat_shardings[leaf])
+    return mapping.unflatten(out)
 
 
 def export_projector(params: dict, model_config: LlavaConfig, directory: str) -> str:
     """Writes the projector as the original stage-1 output: `model.mm_projector.{0,2}.*`."""
-    from llava_jax.convert.tensors import write_safetensors
     from pathlib import Path
 
+    from llava_jax.convert import mapping
+    from llava_jax.convert.tensors import write_safetensors
+
+    projector = params["multi_modal_projector"]
+    flat = mapping.flatten(projector)
     tensors = {}
-    for layer, leaves in params["multi_modal_projector"].items():
-        index = 2 * (int(layer.rsplit("_", 1)[1]) - 1)  # Sequential(Linear, GELU, Linear, ...)
-        for leaf, value in leaves.items():
-            value = np.asarray(jax.device_get(value), np.float32)
-            name = f"model.mm_projector.{index}.{'weight' if leaf == 'kernel' else 'bias'}"
-            tensors[name] = np.ascontiguousarray(value.T if leaf == "kernel" else value)
+    for leaf, spec in _projector_specs(model_config, projector):
+        value = np.asarray(jax.device_get(flat[leaf]), np.float32)
+        (name,) = spec.torch_names
+        tensors[mapping.original_projector_name(name)] = spec.to_torch(value)
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, "mm_projector.safetensors")
     write_safetensors(Path(path), tensors)
@@ -316,8 +322,8 @@ class Trainer:
         if c.model.base_dir:
             stored = {name.split("/")[0] for name in ckpt.stored_param_dtypes(c.model.base_dir)}
             wanted = {k: v for k, v in self.abstract.items() if k in stored}
-            params = _restore_subset(c.model.base_dir, wanted,
-                                     {k: self.shardings[k] for k in wanted})
+            params = ckpt.load_params(c.model.base_dir, with_shardings(
+                wanted, {k: self.shardings[k] for k in wanted}), partial=True)
             missing = set(self.abstract) - set(params)
             if missing - {"multi_modal_projector"}:
                 config_error("model.base_dir", c.model.base_dir, f"holds no {sorted(missing)} weights")
@@ -329,7 +335,7 @@ class Trainer:
             params = random_params(mc, c.seed, self.shardings)
         if c.model.projector:
             params["multi_modal_projector"] = load_projector(
-                c.model.projector, self.abstract["multi_modal_projector"],
+                c.model.projector, mc, self.abstract["multi_modal_projector"],
                 self.shardings["multi_modal_projector"])
             logging.info("projector: loaded from %s", c.model.projector)
         pattern = optim.stage_trainable_pattern(c.stage, c.trainable)
@@ -353,11 +359,9 @@ class Trainer:
         import grain
         import orbax.checkpoint as ocp
 
-        with_sharding = lambda tree, sh: jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, sh)
         restored = manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(with_sharding(self.abstract, self.shardings)),
-            opt_state=ocp.args.StandardRestore(with_sharding(self.abstract_opt, self.opt_shardings)),
+            params=ocp.args.StandardRestore(with_shardings(self.abstract, self.shardings)),
+            opt_state=ocp.args.StandardRestore(with_shardings(self.abstract_opt, self.opt_shardings)),
             data=grain.checkpoint.CheckpointRestore(iterator),
             meta=ocp.args.JsonRestore()))
         pattern = optim.stage_trainable_pattern(self.config.stage, self.config.trainable)

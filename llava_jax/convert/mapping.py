@@ -121,13 +121,19 @@ def flat_param_shapes(model) -> dict[str, tuple[int, ...]]:
 
 def flatten_params(model) -> dict:
     """Our flat path -> array (or ShapeDtypeStruct) for every nnx.Param of a model."""
-    import jax
     from flax import nnx
 
-    pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{'a': {'b': x}} -> {'a/b': x} (the inverse of `unflatten`)."""
     flat = {}
-    for key_path, leaf in jax.tree_util.tree_flatten_with_path(pure)[0]:
-        flat["/".join(str(getattr(k, "key", k)) for k in key_path)] = leaf
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}/"))
+        else:
+            flat[f"{prefix}{key}"] = value
     return flat
 
 
@@ -186,6 +192,14 @@ def canonical_llava_name(name: str) -> str | None:
     if name.startswith("model."):
         return "language_model.model." + name[len("model."):]
     return name
+
+
+def original_projector_name(canonical: str) -> str:
+    """`multi_modal_projector.linear_k.X` -> the original `model.mm_projector.{2(k-1)}.X`."""
+    match = re.fullmatch(r"multi_modal_projector\.linear_(\d+)\.(weight|bias)", canonical)
+    if not match:
+        raise KeyError(f"{canonical!r} is not a projector tensor name")
+    return f"model.mm_projector.{2 * (int(match.group(1)) - 1)}.{match.group(2)}"
 
 
 def canonical_clip_name(name: str) -> str | None:
