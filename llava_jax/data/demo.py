@@ -217,8 +217,16 @@ def _corpus(stage1, stage2, evaluation) -> list[str]:
     return [text.replace("<image>", " ").replace("</s>", " ") for text in texts]
 
 
-def build_tokenizer(corpus: list[str], output_dir: str, vocab_size: int = 1024) -> str:
-    """Train the Llama-like demo BPE tokenizer on `corpus`; write output_dir/tokenizer.json."""
+_ALPHABET = " abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,:;?!'\"-\n"
+
+
+def train_llama_like_bpe(corpus: list[str], vocab_size: int, *, special_tokens, added_tokens,
+                         extra_alphabet: str = "", add_bos: bool = True):
+    """A `tokenizers.Tokenizer` that behaves like SentencePiece Llama, trained on `corpus`.
+
+    special_tokens get the first ids (<unk>, <s>, </s>, ...); added_tokens the ids after the
+    learned vocabulary (as llava-hf appends <image> and <pad>). add_bos: prepend <s> (id 1).
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True))
@@ -229,17 +237,24 @@ def build_tokenizer(corpus: list[str], output_dir: str, vocab_size: int = 1024) 
         pre_tokenizers.Split("\n", behavior="isolated"),
     ])
     tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-    alphabet = sorted(set("".join(corpus)) | set(" abcdefghijklmnopqrstuvwxyz"
-                                                   "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,:;?!'\"-\n"))
+    alphabet = sorted(set("".join(corpus)) | set(_ALPHABET) | set(extra_alphabet))
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+        vocab_size=vocab_size, special_tokens=list(special_tokens),
         initial_alphabet=[char.replace(" ", "▁") for char in alphabet], show_progress=False,
     )
     tokenizer.train_from_iterator(corpus, trainer)
-    tokenizer.add_special_tokens(list(EXTRA_TOKENS))
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
-    )
+    tokenizer.add_special_tokens(list(added_tokens))
+    if add_bos:
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+        )
+    return tokenizer
+
+
+def build_tokenizer(corpus: list[str], output_dir: str, vocab_size: int = 1024) -> str:
+    """Train the Llama-like demo BPE tokenizer on `corpus`; write output_dir/tokenizer.json."""
+    tokenizer = train_llama_like_bpe(corpus, vocab_size, special_tokens=SPECIAL_TOKENS,
+                                     added_tokens=EXTRA_TOKENS)
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, "tokenizer.json")
     tokenizer.save(path)

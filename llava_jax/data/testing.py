@@ -27,32 +27,16 @@ def build_test_tokenizer(chatml: bool = False, vocab_size: int = 700):
     "</s>"), <unk>=0, <s>=1, </s>=2, BOS added, then <image> and <pad>.
     `chatml=True` instead: <|im_start|> / <|im_end|> special tokens and no BOS (ChatML models).
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
+
+    from llava_jax.data.demo import train_llama_like_bpe
 
     corpus = list(_CORPUS) + [t.system for t in TEMPLATES.values()]
     corpus = [text.replace("</s>", " ").replace("<s>", " ") for text in corpus]
     specials = ["<unk>", "<s>", "</s>"] + (["<|im_start|>", "<|im_end|>"] if chatml else [])
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True))
-    # Words start at "▁" (SentencePiece style) and "\n" stands alone, so no merge crosses a
-    # line break (Llama's vocabulary has no such pieces either).
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always"),
-        pre_tokenizers.Split("\n", behavior="isolated"),
-    ])
-    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-    alphabet = sorted(set("".join(corpus)) | set("abcdefghijklmnopqrstuvwxyz"
-                                                 "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,:;?!'\"-\n<>|/[]_"))
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=specials, show_progress=False,
-        initial_alphabet=[char.replace(" ", "▁") for char in alphabet],
-    )
-    tokenizer.train_from_iterator(corpus, trainer)
-    tokenizer.add_special_tokens(["<image>", "<pad>"])
-    if not chatml:
-        tokenizer.post_processor = processors.TemplateProcessing(
-            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
-        )
+    tokenizer = train_llama_like_bpe(corpus, vocab_size, special_tokens=specials,
+                                     added_tokens=["<image>", "<pad>"], extra_alphabet="<>|/[]_",
+                                     add_bos=not chatml)
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token=None if chatml else "<s>", eos_token="</s>",
         unk_token="<unk>", pad_token="<pad>",
