@@ -30,15 +30,6 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-# transformers 5 module names for the canonical (safetensors) LLaVA names.
-_HF_MODULE_NAMES = {
-    "language_model.model.": "model.language_model.",
-    "language_model.lm_head.": "lm_head.",
-    "vision_tower.vision_model.": "model.vision_tower.",
-    "multi_modal_projector.": "model.multi_modal_projector.",
-}
-
-
 def bench_config(args):
     from llava_jax.models.config import LlavaConfig, TextConfig, VisionConfig
 
@@ -55,24 +46,9 @@ def bench_config(args):
 
 def torch_reference(model):
     """transformers LlavaForConditionalGeneration (float32, eval) with `model`'s weights."""
-    import torch
-    import transformers
+    from llava_jax.convert.reference import transformers_llava
 
-    from llava_jax.convert import hf_config, mapping
-
-    config = transformers.LlavaConfig.from_dict(hf_config.to_hf_llava(model.config))
-    reference = transformers.LlavaForConditionalGeneration(config).float().eval()
-    state = {}
-    for name, value in mapping.torch_tensors(model).items():
-        for old, new in _HF_MODULE_NAMES.items():
-            if name.startswith(old):
-                state[new + name[len(old):]] = torch.from_numpy(np.array(value, np.float32))
-                break
-    missing, unexpected = reference.load_state_dict(state, strict=False)
-    missing = [m for m in missing if not m.endswith("position_ids")]
-    if missing or unexpected:
-        raise RuntimeError(f"weight transfer failed: missing {missing}, unexpected {unexpected}")
-    return reference
+    return transformers_llava(model)
 
 
 def make_inputs(config, batch: int, text_tokens: int, seed: int = 0):

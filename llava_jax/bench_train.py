@@ -97,28 +97,12 @@ class JaxSide:
 class TorchSide:
     def __init__(self, dtype: str, params: dict):
         import torch
-        import transformers
 
-        from llava_jax.convert import hf_config, mapping
+        from llava_jax.convert.reference import transformers_llava
 
         config = bench_config("float32")
-        hf = transformers.LlavaConfig.from_dict(hf_config.to_hf_llava(config))
-        hf.text_config._attn_implementation = "sdpa"
-        hf.vision_config._attn_implementation = "sdpa"
-        self.model = transformers.LlavaForConditionalGeneration(hf).float().train()
-        names = {"language_model.model.": "model.language_model.",
-                 "language_model.lm_head.": "lm_head.",
-                 "vision_tower.vision_model.": "model.vision_tower.",
-                 "multi_modal_projector.": "model.multi_modal_projector."}
-        model_like = _as_model(config, params)
-        state = {}
-        for name, value in mapping.torch_tensors(model_like).items():
-            for old, new in names.items():
-                if name.startswith(old):
-                    state[new + name[len(old):]] = torch.from_numpy(np.array(value, np.float32))
-        missing, unexpected = self.model.load_state_dict(state, strict=False)
-        assert not [m for m in missing if "position_ids" not in m] and not unexpected, \
-            (missing, unexpected)
+        self.model = transformers_llava(_as_model(config, params), attn_implementation="sdpa",
+                                        train=True)
         for name, param in self.model.named_parameters():
             param.requires_grad = "vision_tower" not in name
         self.optimizer = torch.optim.AdamW(

@@ -27,39 +27,13 @@ def llama_tokenizer_path():
 
 def torch_module_state(tensors: dict, prefix_map: dict[str, str]) -> dict:
     """Canonical names -> names of a specific torch module, as torch tensors."""
-    import torch
+    from llava_jax.convert.reference import torch_state
 
-    out = {}
-    for name, value in tensors.items():
-        for old, new in prefix_map.items():
-            if name.startswith(old):
-                out[new + name[len(old):]] = torch.from_numpy(np.array(value, np.float32))
-                break
-    return out
-
-
-# transformers 5 module names for LlavaForConditionalGeneration.
-HF_LLAVA_MODULE_NAMES = {
-    "language_model.model.": "model.language_model.",
-    "language_model.lm_head.": "lm_head.",
-    "vision_tower.vision_model.": "model.vision_tower.",
-    "multi_modal_projector.": "model.multi_modal_projector.",
-}
+    return torch_state(tensors, prefix_map)
 
 
 def hf_llava_from_model(model):
     """A transformers LlavaForConditionalGeneration (float32, eval) holding `model`'s weights."""
-    import torch
-    import transformers
+    from llava_jax.convert.reference import transformers_llava
 
-    from llava_jax.convert import hf_config, mapping
-
-    config = transformers.LlavaConfig.from_dict(hf_config.to_hf_llava(model.config))
-    torch.manual_seed(0)
-    reference = transformers.LlavaForConditionalGeneration(config).float().eval()
-    state = torch_module_state(mapping.torch_tensors(model), HF_LLAVA_MODULE_NAMES)
-    missing, unexpected = reference.load_state_dict(state, strict=False)
-    missing = [m for m in missing if not m.endswith("position_ids")
-               and not (m == "lm_head.weight" and model.config.text.tie_word_embeddings)]
-    assert not missing and not unexpected, (missing, unexpected)
-    return reference
+    return transformers_llava(model)
