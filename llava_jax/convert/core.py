@@ -129,22 +129,8 @@ def hf_to_jax(input_dir: str, output_dir: str, *, dtype: str | None = None,
     with checkpoint.ModelWriter(output_dir, config, overwrite=overwrite) as writer:
         _write_params(specs, reader.get, lambda n: f"{reader.source_of(n)}:{n}", writer, np_dtype,
                       progress)
-        with _tempdir(output_dir) as tmp:
-            return writer.finish(tokenizer_dir=_copy_tokenizer(input_dir, tmp / "tokenizer"))
-
-
-class _tempdir:
-    def __init__(self, near: str):
-        self.path = Path(str(near) + ".tokenizer-tmp")
-
-    def __enter__(self) -> Path:
-        shutil.rmtree(self.path, ignore_errors=True)
-        self.path.mkdir(parents=True)
-        return self.path
-
-    def __exit__(self, *exc):
-        shutil.rmtree(self.path, ignore_errors=True)
-        return False
+        _copy_tokenizer(input_dir, writer.stage / checkpoint.TOKENIZER_DIR)
+        return writer.finish()
 
 
 # ----- llava-to-jax -----
@@ -165,18 +151,16 @@ def _pad_rows(table: np.ndarray, new_rows: int, seed: int) -> np.ndarray:
     return np.concatenate([table, extra.astype(table.dtype)], axis=0)
 
 
-def _image_tokenizer(input_dir: Path, target: Path, vocab_size: int):
-    """Copies the LLaMA tokenizer and adds <image> and <pad> as transformers' conversion does.
-
-    Returns (tokenizer dir or None, image_token_index, pad_token_id).
-    """
+def _write_image_tokenizer(input_dir: Path, target: Path, vocab_size: int) -> None:
+    """Saves the LLaMA tokenizer with <image> and <pad> added as transformers' conversion does
+    (ids vocab_size and vocab_size + 1); nothing when the input has no tokenizer.json."""
     image_index, pad_index = vocab_size, vocab_size + 1
     if not (input_dir / "tokenizer.json").exists():
         if (input_dir / "tokenizer.model").exists():
             log.warning("%s has only a SentencePiece tokenizer.model; the model directory gets no "
                         "tokenizer (add a tokenizer.json to convert it). <image>=%d, <pad>=%d.",
                         input_dir, image_index, pad_index)
-        return None, image_index, pad_index
+        return
     from transformers import AddedToken, PreTrainedTokenizerFast
 
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(input_dir))
@@ -188,7 +172,6 @@ def _image_tokenizer(input_dir: Path, target: Path, vocab_size: int):
     assert tokenizer.convert_tokens_to_ids("<image>") == image_index
     assert tokenizer.convert_tokens_to_ids("<pad>") == pad_index
     tokenizer.save_pretrained(str(target))
-    return target, image_index, pad_index
 
 
 def _projector_type_from_names(names: list[str]) -> str:
@@ -249,62 +232,59 @@ def llava_to_jax(input_dir: str, vision_tower_dir: str, output_dir: str, *,
     embed_name = "language_model.model.embed_tokens.weight"
     if embed_name not in owner:
         raise CheckpointError(f"{input_dir}: no model.embed_tokens.weight tensor.")
-    old_vocab = owner[embed_name].get(embed_name).shape[0]
+    old_vocab = owner[embed_name].shape(embed_name)[0]
     padded_vocab = -(-(old_vocab + 2) // 64) * 64
+    # transformers' conversion appends <image> then <pad> to the vocabulary.
+    image_index, pad_index = old_vocab, old_vocab + 1
     projector_type = init_projector
     if projector is not None:
         projector_type = _projector_type_from_names(
             [n for n in owner if n.startswith("multi_modal_projector.")])
-    with _tempdir(output_dir) as tmp:
-        tokenizer_dir, image_index, pad_index = _image_tokenizer(input_dir, tmp / "tokenizer", old_vocab)
-        llava_fields = dict(config_json)
-        if vision_feature_layer is not None:
-            llava_fields["mm_vision_select_layer"] = vision_feature_layer
-        elif model_type == "llama":
-            llava_fields.setdefault("mm_vision_select_layer", -2)  # the LLaVA-1.5 recipe
-        if image_aspect is not None:
-            llava_fields["image_aspect_ratio"] = image_aspect
-        elif model_type == "llama":
-            llava_fields.setdefault("image_aspect_ratio", "pad")
-        config = hf_config.from_original_llava(
-            llava_fields, clip_json, vocab_size=padded_vocab, image_token_index=image_index,
-            pad_token_id=pad_index, projector_type=projector_type,
-            source=str(input_dir / "config.json"))
-        dtype_name, np_dtype = _resolve_dtype(dtype, _torch_dtype_name(config_json))
-        config = config.replace(param_dtype=dtype_name, dtype=dtype_name)
+    llava_fields = dict(config_json)
+    if vision_feature_layer is not None:
+        llava_fields["mm_vision_select_layer"] = vision_feature_layer
+    elif model_type == "llama":
+        llava_fields.setdefault("mm_vision_select_layer", -2)  # the LLaVA-1.5 recipe
+    if image_aspect is not None:
+        llava_fields["image_aspect_ratio"] = image_aspect
+    elif model_type == "llama":
+        llava_fields.setdefault("image_aspect_ratio", "pad")
+    config = hf_config.from_original_llava(
+        llava_fields, clip_json, vocab_size=padded_vocab, image_token_index=image_index,
+        pad_token_id=pad_index, projector_type=projector_type,
+        source=str(input_dir / "config.json"))
+    dtype_name, np_dtype = _resolve_dtype(dtype, _torch_dtype_name(config_json))
+    config = config.replace(param_dtype=dtype_name, dtype=dtype_name)
 
-        head_name = "language_model.lm_head.weight"
-        padded = {}
+    head_name = "language_model.lm_head.weight"
+    specs = _specs(config)
+    fresh_projector = {}
+    if init_projector is not None:  # the initialisation of transformers' nn.Linear
+        rng = np.random.default_rng(seed)
+        for spec in specs:
+            if spec.path.startswith("multi_modal_projector/"):
+                (name,) = spec.torch_names
+                shape = spec.to_torch(np.empty(spec.shape, np.int8)).shape
+                first = name.startswith("multi_modal_projector.linear_1.")
+                fan_in = config.projector_input_size if first else config.text.hidden_size
+                bound = 1 / np.sqrt(fan_in)
+                fresh_projector[name] = rng.uniform(-bound, bound, shape).astype(np.float32)
 
-        def get_tensor(name: str) -> np.ndarray:
-            if name in (embed_name, head_name):
-                if name not in padded:
-                    source = name if name in owner else embed_name  # tied head -> cloned
-                    table = owner[source].get(source)
-                    padded[name] = _pad_rows(np.asarray(table), padded_vocab - table.shape[0],
-                                             seed + (name == head_name))
-                return padded[name]
-            if name.startswith("multi_modal_projector.") and init_projector is not None:
-                return fresh_projector[name]
-            return owner[name].get(name)
+    def get_tensor(name: str) -> np.ndarray:  # each name is read once
+        if name in (embed_name, head_name):
+            source = name if name in owner else embed_name  # tied head -> cloned
+            table = np.asarray(owner[source].get(source))
+            return _pad_rows(table, padded_vocab - table.shape[0], seed + (name == head_name))
+        if name in fresh_projector:
+            return fresh_projector[name]
+        return owner[name].get(name)
 
-        specs = _specs(config)
-        fresh_projector = {}
-        if init_projector is not None:  # the initialisation of transformers' nn.Linear
-            rng = np.random.default_rng(seed)
-            for spec in specs:
-                if spec.path.startswith("multi_modal_projector/"):
-                    (name,) = spec.torch_names
-                    shape = spec.to_torch(np.empty(spec.shape, np.int8)).shape
-                    first = name.startswith("multi_modal_projector.linear_1.")
-                    fan_in = config.projector_input_size if first else config.text.hidden_size
-                    bound = 1 / np.sqrt(fan_in)
-                    fresh_projector[name] = rng.uniform(-bound, bound, shape).astype(np.float32)
-        available = set(owner) | {head_name} | set(fresh_projector)
-        _check_names(specs, available, describe, f"{input_dir} + {vision_dir}")
-        with checkpoint.ModelWriter(output_dir, config, overwrite=overwrite) as writer:
-            _write_params(specs, get_tensor, describe, writer, np_dtype, progress)
-            return writer.finish(tokenizer_dir=tokenizer_dir)
+    available = set(owner) | {head_name} | set(fresh_projector)
+    _check_names(specs, available, describe, f"{input_dir} + {vision_dir}")
+    with checkpoint.ModelWriter(output_dir, config, overwrite=overwrite) as writer:
+        _write_image_tokenizer(input_dir, writer.stage / checkpoint.TOKENIZER_DIR, old_vocab)
+        _write_params(specs, get_tensor, describe, writer, np_dtype, progress)
+        return writer.finish()
 
 
 # ----- jax-to-hf -----

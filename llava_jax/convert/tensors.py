@@ -44,6 +44,9 @@ class _SafetensorsFile:
     def keys(self):
         return self.header.keys()
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.header[name]["shape"])
+
     def get(self, name: str) -> np.ndarray:
         """Reads one tensor with a positioned read (not a memory map: pages of a map that
         has been read stay resident, so a whole checkpoint would count against memory)."""
@@ -81,6 +84,9 @@ class _TorchBinFile:
 
     def keys(self):
         return self.state.keys()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.state[name].shape)
 
     def get(self, name: str) -> np.ndarray:
         import torch
@@ -124,6 +130,11 @@ class TensorReader:
     def get(self, name: str) -> np.ndarray:
         handle, raw_name = self.index[name]
         return handle.get(raw_name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The tensor's shape, from the file header (nothing read)."""
+        handle, raw_name = self.index[name]
+        return handle.shape(raw_name)
 
     def source_of(self, name: str) -> str:
         return str(self.index[name][0].path)
