@@ -137,11 +137,9 @@ def _as_model(config, params):
     """A LlavaModel holding `params` (what mapping.torch_tensors reads)."""
     from flax import nnx
 
-    from llava_jax.models.llava import LlavaModel
+    from llava_jax.models.llava import abstract_params
 
-    abstract = nnx.eval_shape(lambda: LlavaModel(config, rngs=nnx.Rngs(params=0)))
-    graphdef, _ = nnx.split(abstract)
-    return nnx.merge(graphdef, params)
+    return nnx.merge(abstract_params(config)[0], params)
 
 
 def measure_peak(repeats: int = 3) -> float:

@@ -29,7 +29,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from llava_jax.models.config import LlavaConfig, jnp_dtype
+from llava_jax.models.config import LlavaConfig
 
 CONFIG_FILE = "llava_config.json"
 TOKENIZER_DIR = "tokenizer"
@@ -241,7 +241,7 @@ def load_pretrained(path: str | os.PathLike, dtype: str | None = None, *,
     """
     from flax import nnx
 
-    from llava_jax.models.llava import LlavaModel
+    from llava_jax.models.llava import abstract_params
 
     config = read_config(path)
     if dtype is not None:
@@ -249,12 +249,7 @@ def load_pretrained(path: str | os.PathLike, dtype: str | None = None, *,
         config = config.replace(dtype=dtype, param_dtype=param_dtype or dtype)
     elif param_dtype is not None:
         config = config.replace(param_dtype=param_dtype)
-    abstract = nnx.eval_shape(lambda: LlavaModel(config, rngs=nnx.Rngs(params=0)))
-    graphdef, abstract_state = nnx.split(abstract)
-    abstract_params = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, jnp_dtype(config.param_dtype)),
-        nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
-    params = load_params(path, abstract_params, step=step)
-    nnx.replace_by_pure_dict(abstract_state, jax.tree.map(jax.numpy.asarray, params))
-    model = nnx.merge(graphdef, abstract_state)
+    graphdef, abstract = abstract_params(config)
+    params = load_params(path, abstract, step=step)
+    model = nnx.merge(graphdef, jax.tree.map(jax.numpy.asarray, params))
     return Pretrained(model=model, config=config, tokenizer=load_tokenizer(path))

@@ -36,7 +36,7 @@ from llava_jax import metrics as metrics_lib
 from llava_jax import optim, sharding
 from llava_jax.train_config import check_mesh_fits, config_error, validate_config
 from llava_jax.models.config import LlavaConfig, get_preset, jnp_dtype
-from llava_jax.models.llava import LlavaModel
+from llava_jax.models.llava import LlavaModel, abstract_params
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM, what schedulers expect from a preempted job
 
@@ -140,16 +140,6 @@ def resolve_model_config(c, tokenizer) -> LlavaConfig:
         return get_preset(c.model.preset, **overrides, **knobs)
     except (ValueError, TypeError) as e:
         raise ValueError(f"config.model.overrides: {e}") from e
-
-
-def abstract_params(model_config: LlavaConfig) -> tuple[nnx.GraphDef, dict]:
-    """Graph definition and the nested dict of ShapeDtypeStructs (param_dtype) of the params."""
-    model = nnx.eval_shape(lambda: LlavaModel(model_config, rngs=nnx.Rngs(params=0)))
-    graphdef, _ = nnx.split(model)
-    dtype = jnp_dtype(model_config.param_dtype)
-    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype),
-                          nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    return graphdef, shapes
 
 
 def random_params(model_config: LlavaConfig, seed: int, shardings, *,

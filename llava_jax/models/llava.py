@@ -108,6 +108,18 @@ def abstract_model(config: LlavaConfig) -> LlavaModel:
     return nnx.eval_shape(lambda: LlavaModel(config, rngs=nnx.Rngs(params=0)))
 
 
+def abstract_params(config: LlavaConfig) -> tuple[nnx.GraphDef, dict]:
+    """(graph definition, nested dict of ShapeDtypeStructs in `param_dtype`), nothing allocated.
+
+    `nnx.merge(graphdef, params)` with a matching dict of arrays gives a ready LlavaModel.
+    """
+    model = abstract_model(config)
+    graphdef, _ = nnx.split(model)
+    dtype = jnp_dtype(config.param_dtype)
+    return graphdef, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype),
+                                  nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
 def count_params(model: nnx.Module) -> int:
     """Number of parameters (works on abstract models)."""
     import math
