@@ -53,7 +53,7 @@ class Preempted(RuntimeError):
 # Loss and train step
 
 
-def make_train_step(graphdef, tx, *, loss_chunk_size: int):
+def make_train_step(graphdef, tx, *, loss_chunk_size: int, lm_head_target_fraction: float = 0.0):
     """(trainable, frozen, opt_state, batch) -> (trainable, opt_state, metrics).
 
     batch leaves are [accum, rows, ...]; pixel_values/image_mask are absent for text-only
@@ -67,8 +67,9 @@ def make_train_step(graphdef, tx, *, loss_chunk_size: int):
                        segment_ids=micro["segment_ids"], positions=micro["positions"],
                        image_mask=micro.get("image_mask"), return_hidden=True)
         targets = optim.shifted_targets(micro["labels"])
-        loss_sum = optim.chunked_cross_entropy(model.language_model.logits, hidden, targets,
-                                         loss_chunk_size)
+        loss_sum = optim.target_loss_sum(model.language_model.logits, hidden, targets,
+                                         chunk_size=loss_chunk_size,
+                                         target_fraction=lm_head_target_fraction)
         return loss_sum / num_targets
 
     grad_fn = jax.value_and_grad(micro_loss)
@@ -81,9 +82,14 @@ def make_train_step(graphdef, tx, *, loss_chunk_size: int):
             loss, grads = grad_fn(trainable, frozen, micro, num_targets)
             return jax.tree.map(jnp.add, carry, (loss, grads)), None
 
-        zeros = (jnp.zeros((), jnp.float32),
-                 jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable))
-        (loss, grads), _ = jax.lax.scan(accumulate, zeros, batch)
+        if jax.tree.leaves(batch)[0].shape[0] == 1:  # no accumulation: no zeroed grad buffers
+            loss, grads = grad_fn(trainable, frozen, jax.tree.map(lambda x: x[0], batch),
+                                  num_targets)
+            grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)  # as accumulated
+        else:
+            zeros = (jnp.zeros((), jnp.float32),
+                     jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable))
+            (loss, grads), _ = jax.lax.scan(accumulate, zeros, batch)
         grad_norm = optax.tree.norm(grads)
         updates, new_opt_state = tx.update(grads, opt_state, trainable)
         new_trainable = optax.apply_updates(trainable, updates)
@@ -250,7 +256,8 @@ def build_step(c, model_config: LlavaConfig, mesh, total_steps: int) -> dict:
     # Batch leaves are [accum, rows, ...]: rows split over (data, fsdp).
     out["batch_sharding"] = NamedSharding(mesh, P(None, sharding.BATCH_AXES))
     out["train_step"] = jax.jit(
-        make_train_step(out["graphdef"], out["tx"], loss_chunk_size=c.loss_chunk_size),
+        make_train_step(out["graphdef"], out["tx"], loss_chunk_size=c.loss_chunk_size,
+                        lm_head_target_fraction=c.lm_head_target_fraction),
         in_shardings=(out["trainable_shardings"], out["frozen_shardings"], out["opt_shardings"],
                       out["batch_sharding"]),
         out_shardings=(out["trainable_shardings"], out["opt_shardings"],

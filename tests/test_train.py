@@ -92,6 +92,7 @@ def flat(tree):
     ("model.remat_policy", "some", "model.remat_policy"),
     ("data.aspect", "stretch", "data.aspect"),
     ("stage", 3, "stage"),
+    ("lm_head_target_fraction", 1.5, "lm_head_target_fraction"),
 ])
 def test_config_errors_name_the_field(demo_data, field, value, message):
     config = tiny_config(demo_data)
@@ -151,6 +152,37 @@ def test_chunked_loss_matches_unchunked():
         jax.nn.log_softmax(logits), jnp.where(valid, targets, 0)[..., None], -1)[..., 0], 0))
     np.testing.assert_allclose(full, reference, rtol=1e-5)
     np.testing.assert_allclose(chunked, reference, rtol=1e-5)
+
+
+@pytest.mark.parametrize("targets_in_row", [3, 7])  # capacity 8 of 16: fits / row 1 too many
+def test_lm_head_on_targets_only_gives_the_same_loss_and_grads(targets_in_row):
+    import jax.numpy as jnp
+
+    rng = np.random.RandomState(0)
+    hidden = jnp.asarray(rng.randn(2, 16, 8), jnp.float32)
+    weight = jnp.asarray(rng.randn(8, 13), jnp.float32)
+    targets = np.full((2, 16), optim.IGNORE_INDEX, np.int32)
+    targets[0, [2, 9, 15]] = [4, 0, 12]
+    row = rng.choice(16, 7 if targets_in_row == 3 else 12, replace=False)
+    targets[1, row] = rng.randint(0, 13, row.size)
+    calls = []
+
+    def loss(hidden, weight, fraction):
+        def logits_fn(h):
+            calls.append(h.shape)
+            return h @ weight
+        return optim.target_loss_sum(logits_fn, hidden, jnp.asarray(targets), chunk_size=0,
+                                     target_fraction=fraction)
+
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=2)
+    (full, full_grads), (picked, picked_grads) = grad(hidden, weight, 0.0), grad(hidden, weight, 0.5)
+    np.testing.assert_allclose(picked, full, rtol=1e-6)
+    for a, b in zip(picked_grads, full_grads):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert (2, 8, 8) in calls  # the gathered branch exists: 8 = ceil(0.5 * 16) target slots
+    # Non-target positions get no gradient through the LM head.
+    no_target = np.asarray(targets) == optim.IGNORE_INDEX
+    assert np.all(np.asarray(picked_grads[0])[no_target] == 0)
 
 
 # ----- training runs -----
