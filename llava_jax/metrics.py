@@ -47,7 +47,8 @@ def peak_flops_per_device(device_kind: str, override: float = 0.0) -> float | No
 
 
 def train_step_flops(config: LlavaConfig, batch_rows: int, seq_len: int, images_per_row: int,
-                     *, train_projector: bool, train_llm: bool, with_images: bool = True) -> float:
+                     *, train_projector: bool, train_llm: bool, with_images: bool = True,
+                     lm_head_rows: int | None = None) -> float:
     """Model FLOPs of one optimizer step over `batch_rows` rows of `seq_len` tokens.
 
     Counts matmuls (2 FLOPs per multiply-add) in the forward pass and the backward work that
@@ -58,6 +59,8 @@ def train_step_flops(config: LlavaConfig, batch_rows: int, seq_len: int, images_
     Args:
       batch_rows: rows per step, all micro-batches of all devices together.
       images_per_row: image slots per row (CLIP runs on every slot of an image batch).
+      lm_head_rows: positions per row the LM head runs on (default: all `seq_len`, the
+        standard model-FLOPs count; the train step may skip positions without a target).
     """
     vision, text = config.vision, config.text
     upstream_trains = train_projector  # only the projector sits between CLIP and the LLM
@@ -79,7 +82,8 @@ def train_step_flops(config: LlavaConfig, batch_rows: int, seq_len: int, images_
     layer_params = (2 * d * text.num_heads * hd + 2 * d * text.num_kv_heads * hd
                     + 3 * d * text.intermediate_size)
     tokens = batch_rows * seq_len
-    dense = 2 * tokens * (text.num_layers * layer_params + d * text.vocab_size)
+    head_tokens = batch_rows * (seq_len if lm_head_rows is None else lm_head_rows)
+    dense = 2 * tokens * text.num_layers * layer_params + 2 * head_tokens * d * text.vocab_size
     attention = 2 * batch_rows * seq_len * seq_len * text.num_heads * hd * text.num_layers
     weights_factor = 3 if train_llm else (2 if upstream_trains else 1)
     attention_factor = 3 if (train_llm or upstream_trains) else 1

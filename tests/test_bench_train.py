@@ -1,0 +1,22 @@
+"""Smoke test of the train-step benchmark: both sides run the same model on the same batch.
+
+Timings are not asserted (they belong in the bench); the first losses are: with no warm-up
+step both sides score the same initial weights, so they must agree.
+"""
+
+import pytest
+
+pytest.importorskip("torch")
+
+
+def test_bench_train_runs_both_sides_from_the_same_weights(capsys):
+    from llava_jax import bench_train
+
+    result = bench_train.main(["--dtypes=float32", "--repeats=1", "--warmup=0"])
+    rows = {row["side"]: row for row in result["rows"]}
+    assert set(rows) == {"llava_jax", "torch"}
+    assert rows["llava_jax"]["first_loss"] == pytest.approx(rows["torch"]["first_loss"], abs=2e-4)
+    # The LM head runs on the labelled half of each row: fewer executed than model FLOPs.
+    assert result["llava_jax_executed_flops_per_step"] < result["model_flops_per_step"]
+    assert result["speedup_best"] == pytest.approx(result["speedup_float32"])
+    assert "tokens/s" in capsys.readouterr().out
