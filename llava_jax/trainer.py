@@ -4,7 +4,7 @@ State is three nested dicts of jax.Arrays: `trainable` and `frozen` parameters (
 regex on the parameter path, see optim.py) and the optax state of the trainable ones. The
 step is one pure function under `jax.jit` with explicit shardings:
 
-    batch [accum, rows, ...] --scan over micro-batches--> summed grads / #target tokens
+    batch [accum, rows, ...] --loop over micro-batches--> summed grads / #target tokens
           --> clip + AdamW --> new trainable params (update skipped if the loss is not finite)
 
 Workdir layout (what `checkpoint.load_pretrained(WORKDIR)` and `llava_jax.convert` read):
@@ -78,18 +78,18 @@ def make_train_step(graphdef, tx, *, loss_chunk_size: int, lm_head_target_fracti
         num_targets = jnp.maximum(
             jnp.sum(optim.shifted_targets(batch["labels"]) != optim.IGNORE_INDEX), 1).astype(jnp.float32)
 
-        def accumulate(carry, micro):
+        def micro_grads(index):  # float32 sums, whatever the param dtype
+            micro = jax.tree.map(lambda x: x[index], batch)
             loss, grads = grad_fn(trainable, frozen, micro, num_targets)
-            return jax.tree.map(jnp.add, carry, (loss, grads)), None
+            return jax.tree.map(lambda x: x.astype(jnp.float32), (loss, grads))
 
-        if jax.tree.leaves(batch)[0].shape[0] == 1:  # no accumulation: no zeroed grad buffers
-            loss, grads = grad_fn(trainable, frozen, jax.tree.map(lambda x: x[0], batch),
-                                  num_targets)
-            grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)  # as accumulated
-        else:
-            zeros = (jnp.zeros((), jnp.float32),
-                     jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable))
-            (loss, grads), _ = jax.lax.scan(accumulate, zeros, batch)
+        # The sum starts from the first micro-batch: no zero-filled gradient buffer, and a
+        # one-micro-batch step traces no loop.
+        loss, grads = micro_grads(0)
+        accum_steps = jax.tree.leaves(batch)[0].shape[0]
+        if accum_steps > 1:
+            accumulate = lambda i, total: jax.tree.map(jnp.add, total, micro_grads(i))
+            loss, grads = jax.lax.fori_loop(1, accum_steps, accumulate, (loss, grads))
         grad_norm = optax.tree.norm(grads)
         updates, new_opt_state = tx.update(grads, opt_state, trainable)
         new_trainable = optax.apply_updates(trainable, updates)
