@@ -61,9 +61,8 @@ class JaxSide:
     def __init__(self, dtype: str, params: dict | None):
         import jax
         import ml_collections
-        from flax import nnx
 
-        from llava_jax import sharding
+        from llava_jax import optim, sharding
         from llava_jax.train_config import default_config
         from llava_jax.trainer import build_step, random_params
 
@@ -71,9 +70,7 @@ class JaxSide:
         train_config = default_config(stage=2)
         train_config.loss_chunk_size = 0
         # Positions per row the LM head runs on (every target fits: half the row has labels).
-        from llava_jax.optim import lm_head_capacity
-
-        self.lm_head_rows = lm_head_capacity(SEQ, train_config.lm_head_target_fraction)
+        self.lm_head_rows = optim.lm_head_capacity(SEQ, train_config.lm_head_target_fraction)
         train_config.optim.learning_rate = 1e-5
         mesh = sharding.make_mesh(ml_collections.ConfigDict(
             {"data": 1, "fsdp": 1, "tensor": 1}), jax.devices()[:1])
@@ -81,14 +78,11 @@ class JaxSide:
         if params is None:
             params = random_params(self.config, 0, self.step["shardings"])
         self.params = params
-        from llava_jax import optim
-
         self.trainable, self.frozen = optim.split_params(params, optim.STAGE_TRAINABLE[2])
         self.trainable = jax.tree.map(lambda x: x.copy(), self.trainable)  # donated each step
         self.opt_state = jax.jit(self.step["tx"].init)(self.trainable)
         batch = make_batch(self.config)
         self.batch = {k: jax.device_put(v[None]) for k, v in batch.items()}
-        self.nnx = nnx
 
     def __call__(self) -> float:
         import jax
