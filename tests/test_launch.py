@@ -354,10 +354,12 @@ def test_slurm_script_sets_up_jax_distributed(tmp_path):
     bin_dir.mkdir()
     write_executable(bin_dir / "scontrol", FAKE_SCONTROL)
     write_executable(bin_dir / "srun", FAKE_SRUN)
+    # Each process reports into its own file: two processes printing to one pipe can interleave
+    # within a line (every print() piece is a separate write when PYTHONUNBUFFERED is set).
     probe = (
-        "import jax; jax.distributed.initialize(); "
-        "print('process', jax.process_index(), jax.process_count(), "
-        "jax.config.read('jax_cuda_visible_devices'), flush=True)"
+        "import jax, pathlib; jax.distributed.initialize(); i = jax.process_index(); "
+        "pathlib.Path(f'report-{i}.txt').write_text("
+        "f'process {i} {jax.process_count()} {jax.config.read(\"jax_cuda_visible_devices\")}')"
     )
     result = run(SLURM_GPU, "--nodes=2", "--gpus-per-node=2", f"--coordinator-port={_free_port()}",
                  f"--chdir={tmp_path}", "--dry-run", "--", sys.executable, "-c", probe)  # fmt: skip
@@ -369,7 +371,7 @@ def test_slurm_script_sets_up_jax_distributed(tmp_path):
     job = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env,
                          cwd=tmp_path, timeout=120)  # fmt: skip
     assert job.returncode == 0, job.stderr[-2000:]
-    reports = sorted(line for line in job.stdout.splitlines() if line.startswith("process"))
+    reports = sorted(path.read_text() for path in tmp_path.glob("report-*.txt"))
     # Both processes joined one job of 2, and each keeps both of its node's GPUs (JAX's SLURM
     # detection alone would have narrowed each to GPU SLURM_LOCALID = 0).
     assert reports == ["process 0 2 0,1", "process 1 2 0,1"]
