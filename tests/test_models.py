@@ -236,3 +236,16 @@ def test_config_validation_names_the_field():
         tiny(projector_type="mlp2x_relu")
     with pytest.raises(ValueError, match="vision_feature_layer"):
         tiny(vision_feature_layer=-7)
+
+
+def test_clip_embeddings_start_at_openai_clip_scale():
+    """Class and position embeddings ~ N(0, width^-1/2) (OpenAI CLIP), the patch kernel 0.02: at
+    transformers' 0.02 a random tower's tokens carry almost no position after the pre-norm."""
+    config = tiny()
+    tower = create_model(config, seed=0).vision_tower
+    width = config.vision.hidden_size
+    position = np.asarray(tower.position_embedding[...])
+    assert position.shape == (config.vision.num_patches + 1, width)
+    np.testing.assert_allclose(position.std(), width**-0.5, rtol=0.1)
+    np.testing.assert_allclose(np.asarray(tower.class_embedding[...]).std(), width**-0.5, rtol=0.25)
+    np.testing.assert_allclose(np.asarray(tower.patch_embedding[...]).std(), 0.02, rtol=0.1)

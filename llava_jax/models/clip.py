@@ -71,9 +71,15 @@ class CLIPVisionTower(nnx.Module):
         self.patch_embedding = nnx.Param(
             init(rngs.params(), (vision.patch_size, vision.patch_size, vision.num_channels,
                                  vision.hidden_size), param_dtype))
-        self.class_embedding = nnx.Param(init(rngs.params(), (vision.hidden_size,), param_dtype))
+        # Class and position embeddings start at std width^-1/2, as in OpenAI's CLIP (not
+        # transformers' 0.02): at 0.02 the position is ~2% of a token after the pre-layernorm,
+        # and a frozen random tower (the demo's stand-in for a pretrained one) tells the
+        # decoder almost nothing about where a patch is.
+        embedding_init = nnx.initializers.normal(stddev=vision.hidden_size**-0.5)
+        self.class_embedding = nnx.Param(
+            embedding_init(rngs.params(), (vision.hidden_size,), param_dtype))
         self.position_embedding = nnx.Param(
-            init(rngs.params(), (vision.num_patches + 1, vision.hidden_size), param_dtype))
+            embedding_init(rngs.params(), (vision.num_patches + 1, vision.hidden_size), param_dtype))
         norm = dict(eps=vision.layer_norm_eps, dtype=dtype, param_dtype=param_dtype)
         self.pre_layernorm = LayerNorm(vision.hidden_size, **norm)
         self.layers = stacked(
