@@ -54,10 +54,26 @@ def test_formats_and_sizes(prepared):
     assert not train_images & {line["image"] for line in evaluation}  # held out
     assert {"question_id", "image", "text", "answer", "category"} <= set(evaluation[0])
     assert "<image>" not in evaluation[0]["text"]
-    # Guessing the most common answer of a category is far from 90%.
-    for category in ("color", "shape", "count", "position"):
+    # Every category is measured on as many questions, and guessing its most common answer is
+    # far from 90%.
+    categories = collections.Counter(line["category"] for line in evaluation)
+    assert sorted(categories) == sorted(demo.CATEGORIES)
+    assert max(categories.values()) - min(categories.values()) <= 1
+    best_guess = 0
+    for category in demo.CATEGORIES:
         answers = collections.Counter(line["answer"] for line in evaluation if line["category"] == category)
-        assert max(answers.values()) / sum(answers.values()) < 0.45
+        assert max(answers.values()) / sum(answers.values()) < 0.5
+        best_guess += max(answers.values())
+    assert best_guess / len(evaluation) < 0.35
+    # Each image is asked about each of its question types once: 4 with a position, else 3.
+    kind_of = {word: kind for kind, words in (("color", demo.COLORS), ("shape", demo.SHAPES),
+                                              ("count", demo.COUNT_WORDS), ("position", demo.POSITIONS))
+               for word in words}
+    asked = [[kind_of[turn["value"]] for turn in record["conversations"][1::2]]
+             for record in stage2 if "image" in record]
+    assert all(len(kinds) == len(set(kinds)) and {"color", "shape", "count"} <= set(kinds)
+               for kinds in asked)
+    assert 0.3 < sum("position" in kinds for kinds in asked) / len(asked) < 0.5  # single shapes
 
 
 def test_answers_can_be_read_off_the_image(prepared):
