@@ -18,7 +18,7 @@ Generated deterministically on first use (a few seconds) into a cache directory
 Every answer is one word that only the image determines: colour (6), shape (4), count (one ..
 four) or position (left/right/top/bottom, single-shape scenes, 40% of the images so that where
 a shape is gets asked as often as what it is). The best constant answer per category scores
-~27% on eval.jsonl; a tiny LLaVA trained on stage 2 does far better within minutes.
+0.33 on eval.jsonl; a tiny LLaVA trained on stage 2 does far better within minutes.
 
 The tokenizer imitates SentencePiece Llama: Metaspace "▁" word prefix, <unk>=0, <s>=1, </s>=2,
 BOS added by the post-processor, and <image>, <pad> as the last two ids. It is built with the
