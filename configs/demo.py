@@ -54,12 +54,13 @@ def _stage(stage: int, prepared: dict) -> ml_collections.ConfigDict:
     config.data.buckets = (128,) if stage == 1 else (256,)  # captions ~22 tokens, QA ~90
     config.data.max_length = config.data.buckets[-1]
     config.data.max_images_per_row = 4
-    # Stage 2 sees most of its ~9000 samples once in 200 steps (fresh images generalise better
-    # than repeated epochs); 2 epochs only so the data cannot run out before the last step.
-    config.data.num_epochs = 3 if stage == 1 else 2  # stage 1: 80 steps over 2000 captions
+    # Stage 1: 80 steps make about 3 passes over the 2000 captions. Stage 2: 200 steps see
+    # ~6500 of its 9000 samples once (fresh images generalise better than repeated epochs);
+    # 2 epochs only so the data cannot run out before the last step.
+    config.data.num_epochs = 3 if stage == 1 else 2
     config.optim.global_batch_size = 16
     config.optim.learning_rate = 1e-3  # stage 1 at 2e-3 (with the LLM training) lost colour
-    config.optim.total_steps = 80 if stage == 1 else 200  # stage 2: ~6500 of the 9000 samples
+    config.optim.total_steps = 80 if stage == 1 else 200
     config.optim.warmup_ratio = 0.05
     config.loss_chunk_size = 0
     config.checkpoint.every_steps = 100
