@@ -11,8 +11,9 @@ The data (and a tokenizer trained on them) are generated on first use; nothing i
 Measured on the 2-core CPU (2026-11-22, data version 4): 8.2 min wall including data
 generation; stage-2 loss 2.04 (step 20) -> 0.23; held-out accuracy 0.765 on 100 questions per
 category (colour 0.98, count 0.96, position 0.86, shape 0.26; the best constant answer scores
-0.33), 0.76 with seed 1 (position 0.78, shape 0.30). Shape is what is left: the decoder learns it only when about half the
-samples ask it, and the time limit cannot give it that without starving the other categories.
+0.33), 0.76 with seed 1 (position 0.78, shape 0.30). Shape is what is left: the decoder
+learns it only when about half the samples ask it, and the time limit cannot give it that
+without starving the other categories.
 Experiments and diagnostics: BUILD_NOTES.md.
 """
 
