@@ -45,7 +45,7 @@ from PIL import Image, ImageDraw
 from llava_jax.data.conversation import TEMPLATES
 from llava_jax.data.sources import cache_root
 
-VERSION = 4  # bump when the generated data change
+VERSION = 5  # bump when the generated data change
 IMAGE_SIZE = 64
 FORMAT_PROMPT = "Answer the question using a single word or phrase."
 BACKGROUND = (235, 235, 235)
@@ -76,7 +76,7 @@ QUESTIONS = {
 }
 CAPTION_PROMPTS = ("Describe the image briefly.", "Render a clear and concise summary of the photo.",
                    "Give a short caption of the image.")
-NUM_STAGE1, NUM_STAGE2_IMAGES, NUM_TEXT_ONLY, NUM_EVAL = 2000, 4000, 700, 400
+NUM_STAGE1, NUM_STAGE2_IMAGES, NUM_TEXT_ONLY, NUM_EVAL = 16000, 4000, 700, 400
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
 EXTRA_TOKENS = ("<image>", "<pad>")
 
