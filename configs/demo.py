@@ -55,7 +55,7 @@ def _stage(stage: int, prepared: dict) -> ml_collections.ConfigDict:
     config.data.packing = True  # short samples: several per row
     config.data.buckets = (128,) if stage == 1 else (256,)  # captions ~22 tokens, QA ~60
     config.data.max_length = config.data.buckets[-1]
-    config.data.max_images_per_row = 4
+    config.data.max_images_per_row = 5 if stage == 1 else 4
     # Stage 1: 500 steps of ~32 captions see each of the 16000 captions once; stage 2: 300
     # steps see ~9600 of its ~14300 samples once (fresh images generalise, repeats memorise).
     # 2 epochs only so the data cannot run out before the last step.
@@ -64,7 +64,7 @@ def _stage(stage: int, prepared: dict) -> ml_collections.ConfigDict:
     # samples and time, position went from 0.70 to 0.95 (BUILD_NOTES.md, "Demo accuracy").
     config.optim.global_batch_size = 8
     config.optim.learning_rate = 1e-3  # stage 1 at 2e-3 (with the LLM training) lost colour
-    config.optim.total_steps = 500 if stage == 1 else 300
+    config.optim.total_steps = 400 if stage == 1 else 300
     config.optim.warmup_ratio = 0.05
     config.loss_chunk_size = 0
     config.checkpoint.every_steps = 100

@@ -45,7 +45,7 @@ from PIL import Image, ImageDraw
 from llava_jax.data.conversation import TEMPLATES
 from llava_jax.data.sources import cache_root
 
-VERSION = 5  # bump when the generated data change
+VERSION = 6  # bump when the generated data change
 IMAGE_SIZE = 64
 FORMAT_PROMPT = "Answer the question using a single word or phrase."
 BACKGROUND = (235, 235, 235)
@@ -60,7 +60,7 @@ COLORS = {
 SHAPES = ("circle", "square", "triangle", "cross")
 PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
 POSITIONS = {"left": (0.25, 0.5), "right": (0.75, 0.5), "top": (0.5, 0.25), "bottom": (0.5, 0.75)}
-POSITION_PHRASE = {"left": "on the left", "right": "on the right", "top": "at the top",
+POSITION_PHRASE = {"left": "at the left", "right": "at the right", "top": "at the top",
                    "bottom": "at the bottom"}
 QUADRANTS = ((0.27, 0.27), (0.73, 0.27), (0.27, 0.73), (0.73, 0.73))
 COUNT_WORDS = ("one", "two", "three", "four")
