@@ -4,7 +4,8 @@ Generated deterministically on first use (a few seconds) into a cache directory
 (`cache_dir` argument, else $LLAVA_JAX_CACHE/demo, else ~/.cache/llava_jax/demo):
 
     images/                 64x64 PNG scenes: 1-4 large solid shapes of one colour on grey
-    stage1.json             LLaVA-Pretrain-like captions ({"id","image","conversations"}, plain)
+    stage1.json             LLaVA-Pretrain-like captions ({"id","image","conversations"}, plain),
+                            one per image (16000), naming colour, shape, count or position
     stage2.json             instruction data: single-round short-answer questions with
                             LLaVA-1.5's "Answer the question using a single word or phrase.",
                             one per question type of each image, plus ~5% text-only samples
@@ -18,7 +19,16 @@ Generated deterministically on first use (a few seconds) into a cache directory
 Every answer is one word that only the image determines: colour (6), shape (4), count (one ..
 four) or position (left/right/top/bottom, single-shape scenes, 40% of the images so that where
 a shape is gets asked often). The best constant answer per category scores 0.33 on eval.jsonl;
-a tiny LLaVA trained on stage 2 does far better within minutes.
+the demo config reaches 0.94-0.97 within minutes.
+
+Stage 1 carries most of the visual learning: a caption ("a red circle at the top.", "three
+red circles.") names colour, shape and count or position in ~5 target tokens, where a stage-2
+sample spends ~60 tokens on one answer. Measured on the demo model: 2000 captions seen 3 times
+taught nothing stage 2 could use; 16000 fresh ones, each seen once, give captions right on
+held-out images (shape 0.96, the others 1.0) and lift stage 2's shape from chance to 0.9+.
+Every position phrase is "at the <side>", so the caption picks the side with one 4-way word,
+as the one-word answer must (with "on the left" / "at the top" the preposition picked the axis
+first, and stage 2 answered "top" to a quarter of the left/right questions in one run).
 
 Stage 2 asks every image each of its question types (3, or 4 for a lone shape), each question
 its own sample, as eval.jsonl asks them (training puts the image right before it). Measured on
