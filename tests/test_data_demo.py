@@ -81,28 +81,30 @@ def test_formats_and_sizes(prepared):
     assert 0.3 < sum("position" in kinds for kinds in asked.values()) / len(asked) < 0.5  # lone shapes
 
 
-def _read_off(path: str, category: str) -> str:
-    """What the image shows for `category` (colour, count or position), from its pixels."""
+def _read_off(path: str) -> dict:
+    """What the image shows, from its pixels: {"color", "count", "position"} (position: where
+    the foreground's centre lies, meaningful for a lone shape)."""
     from skimage.measure import label
 
     pixels = np.asarray(Image.open(path).convert("RGB"))
     assert pixels.shape == (64, 64, 3)
     foreground = np.abs(pixels.astype(int) - demo.BACKGROUND).sum(-1) > 60
-    if category == "color":
-        mean = pixels[foreground].mean(0)
-        return min(demo.COLORS, key=lambda c: np.abs(np.subtract(demo.COLORS[c], mean)).sum())
-    if category == "count":
-        return demo.COUNT_WORDS[label(foreground).max() - 1]
+    mean = pixels[foreground].mean(0)
     ys, xs = np.nonzero(foreground)
     dx, dy = xs.mean() - 31.5, ys.mean() - 31.5
-    return ("right" if dx > 0 else "left") if abs(dx) > abs(dy) else ("bottom" if dy > 0 else "top")
+    return {
+        "color": min(demo.COLORS, key=lambda c: np.abs(np.subtract(demo.COLORS[c], mean)).sum()),
+        "count": demo.COUNT_WORDS[label(foreground).max() - 1],
+        "position": (("right" if dx > 0 else "left") if abs(dx) > abs(dy)
+                     else ("bottom" if dy > 0 else "top")),
+    }
 
 
 def test_answers_can_be_read_off_the_image(prepared):
     for line in map(json.loads, open(prepared["eval_file"])):  # all 400
         if line["category"] != "shape":
-            path = os.path.join(prepared["image_root"], line["image"])
-            assert _read_off(path, line["category"]) == line["answer"], line
+            shown = _read_off(os.path.join(prepared["image_root"], line["image"]))
+            assert shown[line["category"]] == line["answer"], line
 
 
 def test_captions_name_what_the_image_shows(prepared):
@@ -110,13 +112,13 @@ def test_captions_name_what_the_image_shows(prepared):
     # "at the <side>", one word choosing among the four, as the stage-2 answer does.
     for record in json.load(open(prepared["stage1_json"]))[:300]:
         words = record["conversations"][1]["value"].rstrip(".").split()
-        path = os.path.join(prepared["image_root"], record["image"])
-        assert _read_off(path, "color") == words[1], record
+        shown = _read_off(os.path.join(prepared["image_root"], record["image"]))
+        assert shown["color"] == words[1], record
         if words[0] == "a":
             assert words[2] in demo.SHAPES and words[3:5] == ["at", "the"], record
-            assert _read_off(path, "count") == "one" and _read_off(path, "position") == words[5]
+            assert shown["count"] == "one" and shown["position"] == words[5], record
         else:
-            assert words[2] in demo.PLURAL.values() and _read_off(path, "count") == words[0], record
+            assert words[2] in demo.PLURAL.values() and shown["count"] == words[0], record
 
 
 def test_demo_tokenizer_and_no_skips(prepared):

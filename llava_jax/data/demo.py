@@ -70,8 +70,6 @@ COLORS = {
 SHAPES = ("circle", "square", "triangle", "cross")
 PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
 POSITIONS = {"left": (0.25, 0.5), "right": (0.75, 0.5), "top": (0.5, 0.25), "bottom": (0.5, 0.75)}
-POSITION_PHRASE = {"left": "at the left", "right": "at the right", "top": "at the top",
-                   "bottom": "at the bottom"}
 QUADRANTS = ((0.27, 0.27), (0.73, 0.27), (0.27, 0.73), (0.73, 0.73))
 COUNT_WORDS = ("one", "two", "three", "four")
 QUESTIONS = {
@@ -145,7 +143,8 @@ def draw_scene(scene: dict, size: int = IMAGE_SIZE) -> Image.Image:
 
 def caption(scene: dict) -> str:
     if scene["position"] is not None:
-        return f"a {scene['color']} {scene['shape']} {POSITION_PHRASE[scene['position']]}."
+        # "at the <side>" for every side: one word picks among the four, as the answer does.
+        return f"a {scene['color']} {scene['shape']} at the {scene['position']}."
     return f"{scene['count']} {scene['color']} {PLURAL[scene['shape']]}."
 
 
