@@ -9,7 +9,7 @@ Recipe (scripts/v1_5/finetune.sh): projector + LLM (CLIP frozen), lr 2e-5, globa
 workdir, a model dir, or an original mm_projector.bin / .safetensors.
 """
 
-from llava_jax.train_config import default_config
+from llava_jax.training.config import default_config
 
 SIZES = ("7b", "13b")
 

@@ -10,7 +10,7 @@ is initialised at random). Its output WORKDIR (or WORKDIR/projector/mm_projector
 is finetune.py's model.projector.
 """
 
-from llava_jax.train_config import default_config
+from llava_jax.training.config import default_config
 
 SIZES = ("7b", "13b")
 

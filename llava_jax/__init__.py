@@ -7,12 +7,15 @@ Public entry points (imported lazily so that `import llava_jax.data` stays light
 
 import importlib
 
+from llava_jax import _moved
+
 __version__ = "0.1.0"
+_moved.install()  # old module paths (llava_jax.trainer, ...) keep working for one release
 
 _LAZY = {
     "load_pretrained": ("llava_jax.checkpoint", "load_pretrained"),
     "Pretrained": ("llava_jax.checkpoint", "Pretrained"),
-    "generate": ("llava_jax.generation", "generate"),
+    "generate": ("llava_jax.inference.generation", "generate"),
     "LlavaConfig": ("llava_jax.models.config", "LlavaConfig"),
     "LlavaModel": ("llava_jax.models.llava", "LlavaModel"),
 }

@@ -73,7 +73,7 @@ class ChatSession:
         """Generates the answer to `question` given the history; `on_text` receives each new
         piece of decoded text as it is produced. Returns the whole answer (added to history)."""
         from llava_jax.data import tokenize_generation_prompt
-        from llava_jax.generation import decode_new_tokens, stream
+        from llava_jax.inference.generation import decode_new_tokens, stream
 
         config = self.model.config
         question = question.replace(IMAGE_TOKEN, "").strip()

@@ -30,6 +30,7 @@ import jax
 import numpy as np
 
 from llava_jax.models.config import LlavaConfig
+from llava_jax.tree import flat_path, unflatten
 
 CONFIG_FILE = "llava_config.json"
 TOKENIZER_DIR = "tokenizer"
@@ -183,8 +184,6 @@ def load_params(path: str | os.PathLike, abstract_params: Any, *, step: int | No
 
 def load_param_leaf(path: str | os.PathLike, flat_name: str, shape, dtype) -> np.ndarray:
     """Restores one parameter by flat path without reading the rest (for streaming export)."""
-    from llava_jax.convert.mapping import unflatten
-
     out = load_params(path, unflatten({flat_name: jax.ShapeDtypeStruct(tuple(shape), dtype)}),
                       partial=True)
     for part in flat_name.split("/"):
@@ -200,8 +199,6 @@ def stored_param_dtypes(path: str | os.PathLike) -> dict[str, np.dtype]:
     metadata = ocp.PyTreeCheckpointer().metadata(params_directory(path).absolute())
     tree = getattr(metadata, "item_metadata", None) or getattr(metadata, "tree", metadata)
     tree = getattr(tree, "tree", tree)
-    from llava_jax.sharding import flat_path
-
     return {flat_path(key_path): np.dtype(leaf.dtype)
             for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 

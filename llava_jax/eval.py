@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from llava_jax import scorers
+from llava_jax.evaluation import scorers
 
 SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
 IMAGE_TOKEN = "<image>"
@@ -79,7 +79,7 @@ def answer_questions(model, tokenizer, questions: Sequence[Question], *, templat
     share one compiled program per prompt-length bucket.
     """
     from llava_jax.data import get_template, tokenize_generation_prompt
-    from llava_jax.generation import decode_new_tokens, generate
+    from llava_jax.inference.generation import decode_new_tokens, generate
 
     config = model.config
     template = get_template(template)

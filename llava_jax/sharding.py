@@ -28,6 +28,8 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from llava_jax.tree import flat_path
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -131,10 +133,6 @@ def partition_spec(path: str, shape: Sequence[int], mesh: Mesh, param_rules=DEFA
             spec.append(mesh_axis)
             used.add(mesh_axis)
     return P(*spec)
-
-
-def flat_path(key_path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in key_path)
 
 
 def param_shardings(abstract_params, mesh: Mesh, param_rules=DEFAULT_PARAM_RULES,

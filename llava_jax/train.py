@@ -13,8 +13,13 @@ import logging as logging_lib
 import os
 import sys
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from llava_jax import sharding
+from llava_jax.eval import evaluate_demo
+from llava_jax.training.trainer import EXIT_PREEMPTED, NonFiniteLossError, Preempted, Trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file[:preset].",
                                           lock_config=True)
@@ -24,13 +29,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def run(config, workdir: str) -> dict:
     """Trains every stage of `config` in `workdir`, then evaluates; returns the summary."""
-    from llava_jax import sharding
-
+    # Before anything touches a device: jax.distributed must start first.
     sharding.maybe_initialize_distributed(config.get("distributed", "auto"))
-    import jax
-
-    from llava_jax.trainer import Trainer  # after distributed init: it touches devices
-
     stage_names = tuple(config.stages) if "stages" in config else (None,)
     summary, previous, trainer = {}, None, None
     for name in stage_names:
@@ -45,8 +45,6 @@ def run(config, workdir: str) -> dict:
         previous = stage_dir
     evaluation = config.eval if name is not None else stage.eval
     if evaluation.file:
-        from llava_jax.eval import evaluate_demo
-
         results = evaluate_demo(
             trainer.model(), trainer.tokenizer, evaluation.file,
             image_root=evaluation.image_root or None, batch_size=evaluation.batch_size,
@@ -73,8 +71,6 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_QuietLibraries())
-    from llava_jax.trainer import NonFiniteLossError, Preempted, EXIT_PREEMPTED
-
     try:
         run(_CONFIG.value, _WORKDIR.value)
     except Preempted as e:

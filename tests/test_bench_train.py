@@ -10,7 +10,7 @@ pytest.importorskip("torch")
 
 
 def test_bench_train_runs_both_sides_from_the_same_weights(capsys):
-    from llava_jax import bench_train
+    from llava_jax.bench import train as bench_train
 
     result = bench_train.main(["--dtypes=float32", "--repeats=1", "--warmup=0"])
     rows = {row["side"]: row for row in result["rows"]}

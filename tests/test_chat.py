@@ -55,7 +55,7 @@ def _run_cli(args, stdin=""):
 def _expected_greedy(pretrained, image_path, question, history=(), max_new_tokens=6):
     """The answer computed directly with generate(), the way the CLI should compute it."""
     from llava_jax.data import decode_image, preprocess_image, tokenize_generation_prompt
-    from llava_jax.generation import decode_new_tokens, generate
+    from llava_jax.inference.generation import decode_new_tokens, generate
 
     config = pretrained.config
     ids = tokenize_generation_prompt(question, pretrained.tokenizer, "vicuna_v1",

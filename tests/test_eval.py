@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from llava_jax import eval as llava_eval
-from llava_jax import scorers
+from llava_jax.evaluation import scorers
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "scorers")
 COMMON = ["--batch-size=4", "--max-new-tokens=4", "--no-progress"]

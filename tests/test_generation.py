@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import hf_llava_from_model
-from llava_jax import generation
+from llava_jax.inference import generation
 from llava_jax.models.config import get_preset
 from llava_jax.models.llava import create_model
 

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from llava_jax import scorers
+from llava_jax.evaluation import scorers
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "scorers")
 

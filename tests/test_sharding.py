@@ -77,8 +77,9 @@ EIGHT_DEVICES = textwrap.dedent("""
     flags.FLAGS.mark_as_parsed()
     sys.path.insert(0, "tests")
     from test_train import tiny_config, flat
-    from llava_jax import optim, sharding
-    from llava_jax.trainer import Trainer
+    from llava_jax import sharding
+    from llava_jax.training import optim
+    from llava_jax.training.trainer import Trainer
     assert jax.device_count() == 8, jax.devices()
     data = json.loads(sys.argv[1])
     out = {}

@@ -16,9 +16,11 @@ import numpy as np
 import pytest
 
 from llava_jax import checkpoint as ckpt
-from llava_jax import optim
-from llava_jax.train_config import default_config, validate_config
-from llava_jax.trainer import NonFiniteLossError, Trainer
+from llava_jax.data.tokenize import IGNORE_INDEX
+from llava_jax.training import loss as loss_lib
+from llava_jax.training import optim
+from llava_jax.training.config import default_config, validate_config
+from llava_jax.training.trainer import NonFiniteLossError, Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = {
@@ -77,7 +79,7 @@ def tiny_config(data, stage=2, **optim_overrides):
 
 
 def flat(tree):
-    from llava_jax.sharding import flat_path
+    from llava_jax.tree import flat_path
 
     return {flat_path(path): leaf if isinstance(leaf, jax.ShapeDtypeStruct) else np.asarray(leaf)
             for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
@@ -116,15 +118,15 @@ def test_frozen_parameters_have_no_optimizer_state(demo_data, tmp_path):
     for stage, trained in ((1, {"multi_modal_projector"}),
                            (2, {"multi_modal_projector", "language_model"})):
         trainer = Trainer(tiny_config(demo_data, stage), str(tmp_path / str(stage)))
-        assert set(trainer.abstract_trainable) == trained
-        assert "vision_tower" in trainer.abstract_frozen
-        state_paths = [p for p in flat(trainer.abstract_opt)]
+        assert set(trainer.setup.abstract_trainable) == trained
+        assert "vision_tower" in trainer.setup.abstract_frozen
+        state_paths = [p for p in flat(trainer.setup.abstract_opt)]
         assert state_paths
         assert not any("vision_tower" in p for p in state_paths)
         if stage == 1:
             assert not any("language_model" in p for p in state_paths)
         # Adam's two moments: exactly two state leaves per trainable parameter (+ counts).
-        num_trainable = len(jax.tree.leaves(trainer.abstract_trainable))
+        num_trainable = len(jax.tree.leaves(trainer.setup.abstract_trainable))
         moment_leaves = [p for p in state_paths if any(part in trained for part in p.split("/"))]
         assert len(moment_leaves) == 2 * num_trainable
 
@@ -142,12 +144,12 @@ def test_chunked_loss_matches_unchunked():
     hidden = jax.random.normal(key, (2, 10, 8))
     weight = jax.random.normal(jax.random.PRNGKey(1), (8, 13))
     targets = jnp.array(np.random.RandomState(0).randint(-1, 13, (2, 10)))
-    targets = jnp.where(targets < 0, optim.IGNORE_INDEX, targets)
+    targets = jnp.where(targets < 0, IGNORE_INDEX, targets)
     logits_fn = lambda h: h @ weight
-    full = optim.chunked_cross_entropy(logits_fn, hidden, targets, 0)
-    chunked = optim.chunked_cross_entropy(logits_fn, hidden, targets, 3)
+    full = loss_lib.chunked_cross_entropy(logits_fn, hidden, targets, 0)
+    chunked = loss_lib.chunked_cross_entropy(logits_fn, hidden, targets, 3)
     logits = hidden @ weight
-    valid = targets != optim.IGNORE_INDEX
+    valid = targets != IGNORE_INDEX
     reference = -jnp.sum(jnp.where(valid, jnp.take_along_axis(
         jax.nn.log_softmax(logits), jnp.where(valid, targets, 0)[..., None], -1)[..., 0], 0))
     np.testing.assert_allclose(full, reference, rtol=1e-5)
@@ -161,7 +163,7 @@ def test_lm_head_on_targets_only_gives_the_same_loss_and_grads(row1_targets):
     rng = np.random.RandomState(0)
     hidden = jnp.asarray(rng.randn(2, 16, 8), jnp.float32)
     weight = jnp.asarray(rng.randn(8, 13), jnp.float32)
-    targets = np.full((2, 16), optim.IGNORE_INDEX, np.int32)
+    targets = np.full((2, 16), IGNORE_INDEX, np.int32)
     targets[0, [2, 9, 15]] = [4, 0, 12]
     row = rng.choice(16, row1_targets, replace=False)
     targets[1, row] = rng.randint(0, 13, row.size)
@@ -171,7 +173,7 @@ def test_lm_head_on_targets_only_gives_the_same_loss_and_grads(row1_targets):
         def logits_fn(h):
             calls.append(h.shape)
             return h @ weight
-        return optim.target_loss_sum(logits_fn, hidden, jnp.asarray(targets), chunk_size=0,
+        return loss_lib.target_loss_sum(logits_fn, hidden, jnp.asarray(targets), chunk_size=0,
                                      target_fraction=fraction)
 
     grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=2)
@@ -181,7 +183,7 @@ def test_lm_head_on_targets_only_gives_the_same_loss_and_grads(row1_targets):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert (2, 8, 8) in calls  # the gathered branch exists: 8 = ceil(0.5 * 16) target slots
     # Non-target positions get no gradient through the LM head.
-    no_target = np.asarray(targets) == optim.IGNORE_INDEX
+    no_target = np.asarray(targets) == IGNORE_INDEX
     assert np.all(np.asarray(picked_grads[0])[no_target] == 0)
 
 
@@ -219,7 +221,7 @@ def test_frozen_parameters_unchanged_stage1_then_stage2(demo_data, tmp_path):
     from safetensors.numpy import load_file
 
     stage1 = Trainer(tiny_config(demo_data, stage=1, total_steps=2), str(tmp_path / "s1"))
-    init = flat(stage1.abstract)  # shapes only; the real initial values come from _fresh_state
+    init = flat(stage1.setup.abstract)  # shapes only; the real initial values come from _fresh_state
     stage1._fresh_state()
     initial = flat(optim.merge_params(stage1.trainable, stage1.frozen))
     assert set(initial) == set(init)

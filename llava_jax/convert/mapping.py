@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 
 from llava_jax.models.config import LlavaConfig
+from llava_jax.tree import flatten, unflatten
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,29 +125,6 @@ def flatten_params(model) -> dict:
     from flax import nnx
 
     return flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-
-
-def flatten(tree: dict, prefix: str = "") -> dict:
-    """{'a': {'b': x}} -> {'a/b': x} (the inverse of `unflatten`)."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}/"))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def unflatten(flat: dict) -> dict:
-    """{'a/b': x} -> {'a': {'b': x}}."""
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        *parents, leaf = path.split("/")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return tree
 
 
 # ----- layouts on disk -> canonical names -----

@@ -8,11 +8,19 @@ or model code (grain and jax are imported only by the pipeline, on first use).
     make_dataset(data_config, tokenizer, *, num_image_tokens, image_token_index, image_size,
                  batch_size | global_batch_size, seed, shard_index, shard_count) -> BatchIterator
     default_data_config(stage) / num_samples(data_config) / skip_counts(iterator)
+    load_tokenizer(directory) -> transformers PreTrainedTokenizerFast (the one loader)
 """
 
 import importlib
 
-from llava_jax.data.conversation import IMAGE_TOKEN, TEMPLATES, Segment, Template, get_template
+from llava_jax.data.conversation import (
+    IMAGE_TOKEN,
+    SHORT_ANSWER_PROMPT,
+    TEMPLATES,
+    Segment,
+    Template,
+    get_template,
+)
 from llava_jax.data.image import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
@@ -26,6 +34,7 @@ from llava_jax.data.sources import ArrayRecordSource, JsonSource, MalformedJsonE
 from llava_jax.data.tokenize import (
     IGNORE_INDEX,
     TokenizationError,
+    load_tokenizer,
     normalize_conversation,
     tokenize_conversation,
     tokenize_generation_prompt,

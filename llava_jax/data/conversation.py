@@ -28,6 +28,8 @@ import dataclasses
 from typing import Sequence
 
 IMAGE_TOKEN = "<image>"
+# LLaVA-1.5's instruction after short-answer questions (VQA data, its VQA/POPE evaluation).
+SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
 
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "

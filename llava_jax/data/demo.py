@@ -52,12 +52,12 @@ import tempfile
 
 from PIL import Image, ImageDraw
 
-from llava_jax.data.conversation import TEMPLATES
+from llava_jax.data.conversation import IMAGE_TOKEN, SHORT_ANSWER_PROMPT, TEMPLATES
 from llava_jax.data.sources import cache_root
+from llava_jax.data.tokenize import load_tokenizer as load_tokenizer_dir
 
 VERSION = 6  # bump when the generated data change
 IMAGE_SIZE = 64
-FORMAT_PROMPT = "Answer the question using a single word or phrase."
 BACKGROUND = (235, 235, 235)
 COLORS = {
     "red": (220, 40, 40),
@@ -86,7 +86,7 @@ CAPTION_PROMPTS = ("Describe the image briefly.", "Render a clear and concise su
                    "Give a short caption of the image.")
 NUM_STAGE1, NUM_STAGE2_IMAGES, NUM_TEXT_ONLY, NUM_EVAL = 16000, 4000, 700, 400
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
-EXTRA_TOKENS = ("<image>", "<pad>")
+EXTRA_TOKENS = (IMAGE_TOKEN, "<pad>")
 
 
 def default_cache_dir() -> str:
@@ -154,7 +154,7 @@ def question_types(scene: dict) -> list[str]:
 
 def _first_turn(rng: random.Random, question: str) -> str:
     # LLaVA's data put the image before or after the question; training moves it to the front.
-    return f"<image>\n{question}" if rng.random() < 0.5 else f"{question}\n<image>"
+    return f"{IMAGE_TOKEN}\n{question}" if rng.random() < 0.5 else f"{question}\n{IMAGE_TOKEN}"
 
 
 def _text_only_sample(rng: random.Random, index: int) -> dict:
@@ -169,7 +169,7 @@ def _text_only_sample(rng: random.Random, index: int) -> dict:
             rounds.append((f"Which word is a color: {pair[0]} or {pair[1]}?", color))
     conversations = []
     for question, answer in rounds:
-        conversations.append({"from": "human", "value": f"{question}\n{FORMAT_PROMPT}"})
+        conversations.append({"from": "human", "value": f"{question}\n{SHORT_ANSWER_PROMPT}"})
         conversations.append({"from": "gpt", "value": answer})
     return {"id": f"text-{index:05d}", "conversations": conversations}
 
@@ -197,7 +197,7 @@ def _generate(directory: str) -> dict:
     for index in range(NUM_STAGE2_IMAGES):
         name, scene = new_image("s2", index)
         for kind in question_types(scene):
-            question = f"{rng.choice(QUESTIONS[kind])}\n{FORMAT_PROMPT}"
+            question = f"{rng.choice(QUESTIONS[kind])}\n{SHORT_ANSWER_PROMPT}"
             stage2.append({"id": f"s2-{index:05d}-{kind}", "image": name, "conversations": [
                 {"from": "human", "value": _first_turn(rng, question)},
                 {"from": "gpt", "value": scene[kind]},
@@ -210,7 +210,7 @@ def _generate(directory: str) -> dict:
         kind = CATEGORIES[index % len(CATEGORIES)]
         name, scene = new_image("ev", index, single=kind == "position")
         evaluation.append({"question_id": index, "image": name, "category": kind,
-                           "text": f"{rng.choice(QUESTIONS[kind])}\n{FORMAT_PROMPT}",
+                           "text": f"{rng.choice(QUESTIONS[kind])}\n{SHORT_ANSWER_PROMPT}",
                            "answer": scene[kind]})
 
     with open(os.path.join(directory, "stage1.json"), "w") as handle:
@@ -234,7 +234,7 @@ def _corpus(stage1, stage2, evaluation) -> list[str]:
     texts.extend(line["text"] for line in evaluation)
     # Special strings must not be learned as text pieces: "<image>" has to get the id after the
     # learned vocabulary (as in llava-hf tokenizers), and "</s>" must stay the EOS id.
-    return [text.replace("<image>", " ").replace("</s>", " ") for text in texts]
+    return [text.replace(IMAGE_TOKEN, " ").replace("</s>", " ") for text in texts]
 
 
 _ALPHABET = " abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,:;?!'\"-\n"
@@ -284,21 +284,31 @@ def build_tokenizer(corpus: list[str], output_dir: str, vocab_size: int = 1024) 
 def load_tokenizer(tokenizer_dir: str | None = None):
     """The demo tokenizer as a transformers PreTrainedTokenizerFast (bos/eos/unk/pad set).
     `tokenizer_dir` defaults to the prepared demo's tokenizer (preparing it if needed)."""
-    from transformers import PreTrainedTokenizerFast
+    return load_tokenizer_dir(tokenizer_dir or prepare()["tokenizer_dir"])
 
-    if tokenizer_dir is None:
-        tokenizer_dir = prepare()["tokenizer_dir"]
-    return PreTrainedTokenizerFast(
-        tokenizer_file=os.path.join(tokenizer_dir, "tokenizer.json"),
-        bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-    )
+
+def paths(cache_dir: str | None = None) -> dict:
+    """Where `prepare` puts everything, without generating anything (for configs).
+
+    A dict: stage1_json, stage2_json, eval_file, image_root, tokenizer_dir, image_size,
+    image_token (the tokenizer's "<image>" string).
+    """
+    directory = os.path.abspath(cache_dir or default_cache_dir())
+    return {
+        "stage1_json": os.path.join(directory, "stage1.json"),
+        "stage2_json": os.path.join(directory, "stage2.json"),
+        "eval_file": os.path.join(directory, "eval.jsonl"),
+        "image_root": os.path.join(directory, "images"),
+        "tokenizer_dir": os.path.join(directory, "tokenizer"),
+        "image_size": IMAGE_SIZE,
+        "image_token": IMAGE_TOKEN,
+    }
 
 
 def prepare(cache_dir: str | None = None) -> dict:
     """Generate the demo data once (atomically) and return where everything is.
 
-    Returns a dict: stage1_json, stage2_json, eval_file, image_root, tokenizer_dir, image_size,
-    image_token (the tokenizer's "<image>" string) and the sample counts.
+    Returns `paths(cache_dir)` and the sample counts (num_stage1, num_stage2, num_eval).
     """
     directory = os.path.abspath(cache_dir or default_cache_dir())
     marker = os.path.join(directory, "DONE")
@@ -323,13 +333,4 @@ def prepare(cache_dir: str | None = None) -> dict:
             shutil.rmtree(staging, ignore_errors=True)
     with open(os.path.join(directory, "counts.json")) as handle:
         counts = json.load(handle)
-    return {
-        "stage1_json": os.path.join(directory, "stage1.json"),
-        "stage2_json": os.path.join(directory, "stage2.json"),
-        "eval_file": os.path.join(directory, "eval.jsonl"),
-        "image_root": os.path.join(directory, "images"),
-        "tokenizer_dir": os.path.join(directory, "tokenizer"),
-        "image_size": IMAGE_SIZE,
-        "image_token": "<image>",
-        **counts,
-    }
+    return {**paths(directory), **counts}

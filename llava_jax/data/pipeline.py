@@ -48,6 +48,7 @@ SKIP_REASONS = (
     "unfaithful_tokenization",
     "too_long",  # truncation would cut an image or leave nothing to train
 )
+BUILTIN_DATA = ("", "demo")  # data.builtin: generated data sets (data/demo.py)
 
 
 class DataError(RuntimeError):
@@ -81,6 +82,7 @@ def default_data_config(stage: int = 2) -> ml_collections.ConfigDict:
     config.on_error = "skip"  # "skip": count + log bad samples | "raise"
     config.exif_transpose = True  # apply EXIF orientation (the original did not)
     config.use_index_cache = True  # cache JSON byte-offset indexes under $LLAVA_JAX_CACHE
+    config.builtin = ""  # "demo": the paths point at the built-in demo data; generate on first use
     return config
 
 
@@ -107,6 +109,8 @@ def validate_data_config(config) -> None:
         bad("num_epochs", "must be >= 1 or None (forever)")
     if config.worker_count < 0:
         bad("worker_count", "must be >= 0")
+    if config.builtin not in BUILTIN_DATA:
+        bad("builtin", f"must be one of {BUILTIN_DATA}, got {config.builtin!r}")
 
 
 def make_source(config):

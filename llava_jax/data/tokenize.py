@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import weakref
 from typing import Any, Sequence
@@ -347,3 +348,34 @@ def tokenize_generation_prompt(
     prompt = template.generation_prompt(question, history)
     ids = span_encoder(tokenizer).encode_prompt(prompt, image_token_index, num_image_tokens)
     return np.asarray(ids, np.int32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+LLAMA_SPECIAL_TOKENS = (("bos", "<s>"), ("eos", "</s>"), ("unk", "<unk>"), ("pad", "<pad>"))
+
+
+def load_tokenizer(directory: str):
+    """The tokenizer in `directory` (a `tokenizer.json`, with or without its config files).
+
+    Always `PreTrainedTokenizerFast`, never `AutoTokenizer`: transformers 5 rewrites Llama's
+    whitespace handling there. A bare tokenizer.json names no special tokens, so the Llama
+    spellings (<s>, </s>, <unk>, <pad>) fill the roles left empty when the vocabulary has them;
+    without a pad token, pad = unk (the original LLaVA's choice for its v1 templates).
+    Raises FileNotFoundError when the folder holds no tokenizer.json.
+    """
+    # transformers costs seconds to import; `import llava_jax.data` should not pay for it.
+    from transformers import PreTrainedTokenizerFast
+
+    if not os.path.isfile(os.path.join(directory, "tokenizer.json")):
+        raise FileNotFoundError(f"{directory} holds no tokenizer.json")
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(directory)
+    vocab = tokenizer.get_vocab()
+    for role, token in LLAMA_SPECIAL_TOKENS:
+        if getattr(tokenizer, f"{role}_token") is None and token in vocab:
+            setattr(tokenizer, f"{role}_token", token)
+    if tokenizer.pad_token is None and tokenizer.unk_token is not None:
+        tokenizer.pad_token = tokenizer.unk_token
+    return tokenizer

@@ -11,13 +11,14 @@ import os
 import jax
 import ml_collections
 
-from llava_jax import optim, sharding
+from llava_jax import sharding
+from llava_jax.data import default_data_config, validate_data_config
+from llava_jax.models.config import DTYPES, REMAT_POLICIES
+from llava_jax.training import optim
 
 
 def default_config(stage: int = 2) -> ml_collections.ConfigDict:
     """Every field of a single training stage, with its default (presets edit a copy)."""
-    from llava_jax.data import default_data_config
-
     c = ml_collections.ConfigDict()
     c.stage = stage  # 1: pretrain the projector; 2: instruction-tune projector + LLM
     c.trainable = ""  # regex on parameter paths that train; '' = the stage's LLaVA default
@@ -91,9 +92,6 @@ def config_error(field: str, value, message: str):
 
 def validate_config(c) -> None:
     """Fails at start-up, naming the field, on settings that cannot work."""
-    from llava_jax.data import validate_data_config
-    from llava_jax.models.config import REMAT_POLICIES, DTYPES
-
     if c.stage not in (1, 2):
         config_error("stage", c.stage, "use 1 (pretraining) or 2 (instruction tuning)")
     if bool(c.model.base_dir) == bool(c.model.preset):

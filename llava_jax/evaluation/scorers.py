@@ -1,6 +1,6 @@
 """Benchmark scorers: ScienceQA, VQA soft accuracy, POPE and the demo exact match.
 
-Pure Python on purpose (no jax, no numpy, no model): `python -m llava_jax.eval` calls these
+Pure Python on purpose (no jax, no model): `python -m llava_jax.eval` calls these
 on decoded text, and they must give the same numbers as the original LLaVA scripts so that
 results can be compared with the papers. Each scorer names the original rule it follows and
 says where it differs. Accuracies are fractions in [0, 1]; multiply by 100 for the tables.
@@ -22,6 +22,8 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from llava_jax.data.conversation import IMAGE_TOKEN
+
 # ---------------------------------------------------------------------------------------------
 # ScienceQA
 # ---------------------------------------------------------------------------------------------
@@ -30,7 +32,6 @@ SCIENCEQA_OPTIONS = ("A", "B", "C", "D", "E")
 SCIENCEQA_SINGLE_PRED_PROMPT = "Answer with the option's letter from the given choices directly."
 # The marker eval_science_qa.py gives an answer it cannot parse (and a missing prediction).
 FAILED = "FAILED"
-IMAGE_PLACEHOLDER = "<image>"
 
 # eval_science_qa.py's pattern, kept as written: the final "." is an unescaped regex dot, so it
 # matches any character after the letter ("The answer is B!" parses), but it needs *some*
@@ -76,7 +77,7 @@ def make_scienceqa_record(problem_id: str, problem: Mapping[str, Any]) -> dict[s
     record: dict[str, Any] = {"id": problem_id}
     if problem.get("image"):
         record["image"] = f"{problem_id}/{problem['image']}"
-        human += f"\n{IMAGE_PLACEHOLDER}"
+        human += f"\n{IMAGE_TOKEN}"
     answer_letter = SCIENCEQA_OPTIONS[problem["answer"]]
     record["conversations"] = [
         {"from": "human", "value": human},
@@ -105,9 +106,9 @@ def build_scienceqa_prompt(record: Mapping[str, Any], single_pred_prompt: bool =
             "A ScienceQA question entry needs conversations[0].value (the llava_test_CQM-A.json "
             f"format); got keys {sorted(record) if isinstance(record, Mapping) else type(record)}."
         ) from error
-    question = human_turn.replace(IMAGE_PLACEHOLDER, "").strip()
+    question = human_turn.replace(IMAGE_TOKEN, "").strip()
     if "image" in record:
-        question = f"{IMAGE_PLACEHOLDER}\n{question}"
+        question = f"{IMAGE_TOKEN}\n{question}"
     if single_pred_prompt:
         question = f"{question}\n{SCIENCEQA_SINGLE_PRED_PROMPT}"
     return question
@@ -222,7 +223,7 @@ def score_scienceqa(
         choice_indices[pid] = index
         correct = index == problem["answer"]
         num_correct += correct
-        if IMAGE_PLACEHOLDER in prompt:
+        if IMAGE_TOKEN in prompt:
             img_total += 1
             img_correct += correct
         for group in _scienceqa_groups(problem):

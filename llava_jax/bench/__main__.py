@@ -9,10 +9,10 @@ import importlib
 import sys
 
 BENCHMARKS = {
-    "data": "llava_jax.bench_data",
-    "train": "llava_jax.bench_train",
-    "generate": "llava_jax.bench_generate",
-    "convert": "llava_jax.bench_convert",
+    "data": "llava_jax.bench.data",
+    "train": "llava_jax.bench.train",
+    "generate": "llava_jax.bench.generate",
+    "convert": "llava_jax.bench.convert",
 }
 
 

@@ -71,7 +71,7 @@ def _timed(fn: Callable[[], np.ndarray]) -> tuple[float, np.ndarray]:
 def run(args) -> list[dict]:
     import torch
 
-    from llava_jax.generation import generate
+    from llava_jax.inference.generation import generate
     from llava_jax.models.llava import create_model
 
     if args.single_thread:

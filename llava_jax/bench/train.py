@@ -62,25 +62,27 @@ class JaxSide:
         import jax
         import ml_collections
 
-        from llava_jax import optim, sharding
-        from llava_jax.train_config import default_config
-        from llava_jax.trainer import build_step, random_params
+        from llava_jax import sharding
+        from llava_jax.training import optim
+        from llava_jax.training.config import default_config
+        from llava_jax.training.loss import lm_head_capacity
+        from llava_jax.training.state import build_setup, random_params
 
         self.config = bench_config(dtype)
         train_config = default_config(stage=2)
         train_config.loss_chunk_size = 0
         # Positions per row the LM head runs on (every target fits: half the row has labels).
-        self.lm_head_rows = optim.lm_head_capacity(SEQ, train_config.lm_head_target_fraction)
+        self.lm_head_rows = lm_head_capacity(SEQ, train_config.lm_head_target_fraction)
         train_config.optim.learning_rate = 1e-5
         mesh = sharding.make_mesh(ml_collections.ConfigDict(
             {"data": 1, "fsdp": 1, "tensor": 1}), jax.devices()[:1])
-        self.step = build_step(train_config, self.config, mesh, total_steps=100)
+        self.setup = build_setup(train_config, self.config, mesh, total_steps=100)
         if params is None:
-            params = random_params(self.config, 0, self.step["shardings"])
+            params = random_params(self.config, 0, self.setup.shardings)
         self.params = params
         self.trainable, self.frozen = optim.split_params(params, optim.STAGE_TRAINABLE[2])
         self.trainable = jax.tree.map(lambda x: x.copy(), self.trainable)  # donated each step
-        self.opt_state = jax.jit(self.step["tx"].init)(self.trainable)
+        self.opt_state = jax.jit(self.setup.tx.init)(self.trainable)
         batch = make_batch(self.config)
         self.batch = {k: jax.device_put(v[None]) for k, v in batch.items()}
 
@@ -88,7 +90,7 @@ class JaxSide:
         import jax
 
         start = time.perf_counter()
-        self.trainable, self.opt_state, metrics = self.step["train_step"](
+        self.trainable, self.opt_state, metrics = self.setup.train_step(
             self.trainable, self.frozen, self.opt_state, self.batch)
         loss = float(jax.device_get(metrics["loss"]))
         self.elapsed = time.perf_counter() - start
@@ -175,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     import jax
     import torch
 
-    from llava_jax import metrics
+    from llava_jax.training import metrics
 
     dtypes = [d for d in args.dtypes.split(",") if d]
     print(f"jax {jax.__version__} ({jax.devices()[0].device_kind}), torch {torch.__version__} "

@@ -6,7 +6,7 @@ pytest.importorskip("skimage")
 
 
 def test_bench_data_runs_and_reports(capsys):
-    from llava_jax import bench_data
+    from llava_jax.bench import data as bench_data
 
     results = bench_data.main(["--samples=2", "--rounds=1", "--efficiency_samples=800",
                                "--index_records=300", "--tokenizer="])

@@ -1,0 +1,1 @@
+"""Evaluation (being split out of llava_jax/eval.py)."""

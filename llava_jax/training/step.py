@@ -1,0 +1,70 @@
+"""The train step: one pure function of the state and a batch, jitted by `state.build_setup`.
+
+    batch [accum, rows, ...] --loop over micro-batches--> summed grads / #target tokens
+          --> clip + AdamW --> new trainable params (update skipped if the loss is not finite)
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from llava_jax import tree
+from llava_jax.data.tokenize import IGNORE_INDEX
+from llava_jax.training.loss import shifted_targets, target_loss_sum
+
+
+def make_train_step(graphdef, tx, *, loss_chunk_size: int, lm_head_target_fraction: float = 0.0):
+    """(trainable, frozen, opt_state, batch) -> (trainable, opt_state, metrics).
+
+    batch leaves are [accum, rows, ...]; pixel_values/image_mask are absent for text-only
+    batches (no dummy images through CLIP). The loss is the mean over all target tokens of
+    the step, so it does not depend on how the rows are split into micro-batches or devices.
+    """
+
+    def micro_loss(trainable, frozen, micro, num_targets):
+        model = nnx.merge(graphdef, tree.merge(trainable, frozen))
+        hidden = model(micro["input_ids"], micro.get("pixel_values"),
+                       segment_ids=micro["segment_ids"], positions=micro["positions"],
+                       image_mask=micro.get("image_mask"), return_hidden=True)
+        targets = shifted_targets(micro["labels"])
+        loss_sum = target_loss_sum(model.language_model.logits, hidden, targets,
+                                   chunk_size=loss_chunk_size,
+                                   target_fraction=lm_head_target_fraction)
+        return loss_sum / num_targets
+
+    grad_fn = jax.value_and_grad(micro_loss)
+
+    def train_step(trainable, frozen, opt_state, batch):
+        num_targets = jnp.maximum(
+            jnp.sum(shifted_targets(batch["labels"]) != IGNORE_INDEX), 1).astype(jnp.float32)
+
+        def micro_grads(index):  # float32 sums, whatever the param dtype
+            micro = jax.tree.map(lambda x: x[index], batch)
+            loss, grads = grad_fn(trainable, frozen, micro, num_targets)
+            return jax.tree.map(lambda x: x.astype(jnp.float32), (loss, grads))
+
+        # The sum starts from the first micro-batch: no zero-filled gradient buffer, and a
+        # one-micro-batch step traces no loop.
+        loss, grads = micro_grads(0)
+        accum_steps = jax.tree.leaves(batch)[0].shape[0]
+        if accum_steps > 1:
+            accumulate = lambda i, total: jax.tree.map(jnp.add, total, micro_grads(i))
+            loss, grads = jax.lax.fori_loop(1, accum_steps, accumulate, (loss, grads))
+        grad_norm = optax.tree.norm(grads)
+        updates, new_opt_state = tx.update(grads, opt_state, trainable)
+        new_trainable = optax.apply_updates(trainable, updates)
+        # A non-finite step changes nothing; the host stops the run when it sees the flag.
+        # The new params too: finite gradients times a huge learning rate still overflow.
+        finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+                  & jnp.isfinite(optax.tree.norm(new_trainable)))
+        keep = lambda new, old: jnp.where(finite, new, old)
+        new_trainable = jax.tree.map(keep, new_trainable, trainable)
+        new_opt_state = jax.tree.map(keep, new_opt_state, opt_state)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite,
+                   "target_tokens": num_targets}
+        return new_trainable, new_opt_state, metrics
+
+    return train_step

@@ -1,0 +1,259 @@
+"""The training loop of one stage in one workdir: resume, steps, logging, checkpoints.
+
+    trainer = Trainer(config, workdir); result = trainer.run(); model = trainer.model()
+
+Set-up (tokenizer, model config, shapes, shardings, first parameters) is in state.py, the
+step in step.py, the config schema in config.py.
+
+Workdir layout (what `checkpoint.load_pretrained(WORKDIR)` and `llava_jax.convert` read):
+
+    WORKDIR/llava_config.json, tokenizer/, train_config.json
+    WORKDIR/checkpoints/<step>/{params, opt_state, data, meta}   orbax CheckpointManager
+    WORKDIR/projector/mm_projector.safetensors                   stage 1: original key names
+    WORKDIR/tensorboard/                                          event files
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
+
+from llava_jax import checkpoint as ckpt
+from llava_jax import sharding
+from llava_jax.convert.projector import write_projector
+from llava_jax.data import make_dataset
+from llava_jax.data.tokenize import IGNORE_INDEX
+from llava_jax.models.llava import LlavaModel
+from llava_jax.training import metrics as metrics_lib
+from llava_jax.training import optim, state
+from llava_jax.training.config import check_mesh_fits, validate_config
+
+EXIT_PREEMPTED = 143  # 128 + SIGTERM, what schedulers expect from a preempted job
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class Preempted(RuntimeError):
+    pass
+
+
+class Trainer:
+    """One training stage in one workdir: set-up, (resume,) loop, final checkpoint.
+
+    trainer = Trainer(config, workdir); result = trainer.run()
+    `result`: dict(step, loss, stopped, history=[(step, loss) at logged/saved steps]);
+    `trainer.model()` gives the trained LlavaModel.
+    """
+
+    def __init__(self, config, workdir: str, *, mesh=None):
+        validate_config(config)
+        self.config = c = config
+        self.workdir = os.path.abspath(workdir)
+        self.mesh = mesh if mesh is not None else sharding.make_mesh(c.mesh)
+        check_mesh_fits(c, self.mesh)
+        state.prepare_builtin_data(c)
+        self.tokenizer = state.load_tokenizer(c)
+        self.model_config = state.resolve_model_config(c, self.tokenizer)
+        self.total_steps = state.total_steps(c)
+        self.setup = state.build_setup(c, self.model_config, self.mesh, self.total_steps)
+        self.trainable = self.frozen = self.opt_state = None
+        self.step = 0
+
+    def model(self) -> LlavaModel:
+        """The current parameters as a LlavaModel (for evaluation)."""
+        return self.setup.model(self.trainable, self.frozen)
+
+    # ----- state -----
+    def _manager(self) -> ocp.CheckpointManager:
+        ckpt._quiet_orbax()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=self.config.checkpoint.max_to_keep, create=True,
+            enable_async_checkpointing=self.config.checkpoint.async_save)
+        return ocp.CheckpointManager(os.path.join(self.workdir, ckpt.CHECKPOINTS_DIR),
+                                     options=options)
+
+    def _fresh_state(self) -> None:
+        params = state.initial_params(self.config, self.model_config, self.setup)
+        self.trainable, self.frozen = self.setup.split(params)
+        self.opt_state = self.setup.init_optimizer(self.trainable)
+        self.step = 0
+
+    def _save_args(self, iterator) -> ocp.args.Composite:
+        meta = {"step": self.step, "total_steps": self.total_steps,
+                "config": json.loads(self.config.to_json_best_effort())}
+        return ocp.args.Composite(
+            params=ocp.args.StandardSave(optim.merge_params(self.trainable, self.frozen)),
+            opt_state=ocp.args.StandardSave(self.opt_state),
+            data=grain.checkpoint.CheckpointSave(iterator),
+            meta=ocp.args.JsonSave(meta))
+
+    def _restore(self, manager, step: int, iterator) -> None:
+        setup = self.setup
+        restored = manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(state.with_shardings(setup.abstract, setup.shardings)),
+            opt_state=ocp.args.StandardRestore(
+                state.with_shardings(setup.abstract_opt, setup.opt_shardings)),
+            data=grain.checkpoint.CheckpointRestore(iterator),
+            meta=ocp.args.JsonRestore()))
+        self.trainable, self.frozen = setup.split(restored["params"])
+        self.opt_state = restored["opt_state"]
+        self.step = int(restored["meta"]["step"])
+
+    def _write_model_files(self) -> None:
+        if jax.process_index() != 0:
+            return
+        os.makedirs(self.workdir, exist_ok=True)
+        with open(os.path.join(self.workdir, ckpt.CONFIG_FILE), "w") as handle:
+            json.dump(self.model_config.to_dict(), handle, indent=2)
+        self.tokenizer.save_pretrained(os.path.join(self.workdir, ckpt.TOKENIZER_DIR))
+        with open(os.path.join(self.workdir, "train_config.json"), "w") as handle:
+            handle.write(self.config.to_json_best_effort(indent=2))
+
+    # ----- data -----
+    def _dataset(self):
+        c, mc = self.config, self.model_config
+        return make_dataset(
+            c.data, self.tokenizer, num_image_tokens=mc.num_image_tokens,
+            image_token_index=mc.image_token_index, image_size=mc.vision.image_size,
+            global_batch_size=c.optim.global_batch_size // c.optim.grad_accum_steps, seed=c.seed,
+            shard_index=jax.process_index(), shard_count=jax.process_count(),
+            pad_id=self.tokenizer.pad_token_id)
+
+    def _next_batch(self, iterator):
+        """grad_accum_steps micro-batches, padded to one length, stacked: host numpy [accum, ...].
+
+        Returns None when the data are exhausted (a partial step is dropped).
+        """
+        micro = []
+        for _ in range(self.config.optim.grad_accum_steps):
+            try:
+                micro.append(next(iterator))
+            except StopIteration:
+                return None
+        length = max(m["input_ids"].shape[1] for m in micro)
+        has_images = any(bool(m["image_mask"].any()) for m in micro)
+        if jax.process_count() > 1:  # all processes must build the same global shapes
+            agreed = multihost_utils.process_allgather(np.array([length, has_images], np.int64))
+            length, has_images = int(agreed[:, 0].max()), bool(agreed[:, 1].any())
+        pad_values = {"input_ids": self.tokenizer.pad_token_id, "labels": IGNORE_INDEX,
+                      "segment_ids": 0, "positions": 0}
+        batch = {}
+        for name, value in pad_values.items():
+            batch[name] = np.stack([np.pad(m[name], ((0, 0), (0, length - m[name].shape[1])),
+                                           constant_values=value) for m in micro])
+        if has_images:
+            batch["pixel_values"] = np.stack([m["pixel_values"] for m in micro])
+            batch["image_mask"] = np.stack([m["image_mask"] for m in micro])
+        return batch
+
+    def _step_flops(self, rows: int, length: int, slots: int, with_images: bool) -> float:
+        return metrics_lib.train_step_flops(
+            self.model_config, rows, length, slots, with_images=with_images,
+            train_projector=self.setup.trains_projector, train_llm=self.setup.trains_llm)
+
+    # ----- loop -----
+    def run(self) -> dict:
+        c = self.config
+        self._write_model_files()
+        manager = self._manager()
+        iterator = self._dataset()
+        latest = manager.latest_step()
+        if latest is not None:
+            self._restore(manager, latest, iterator)
+            logging.info("resumed from %s at step %d", manager.directory, self.step)
+        else:
+            self._fresh_state()
+        stop_at = self.total_steps if c.max_steps < 0 else min(c.max_steps, self.total_steps)
+        preempted = {"flag": False}
+        previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.update(flag=True)) \
+            if _main_thread() else None
+        reporter = metrics_lib.ProgressReporter(
+            total_steps=stop_at, start_step=self.step, workdir=self.workdir if jax.process_index()
+            == 0 else None, tensorboard=c.log.tensorboard, progress_bar=c.log.progress_bar,
+            prefix=f"[stage {c.stage}] ")
+        peak = metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind,
+                                                 c.log.peak_flops_per_device)
+        window = metrics_lib.StepWindow(self._step_flops)
+        last_saved = self.step if latest is not None else None
+        loss, stopped, history, lagged = float("nan"), "completed", [], None
+        try:
+            while self.step < stop_at:
+                if preempted["flag"]:
+                    stopped = "preempted"
+                    break
+                started = time.perf_counter()
+                host_batch = self._next_batch(iterator)
+                if host_batch is None:
+                    stopped = "data exhausted"
+                    break
+                device_batch = sharding.global_batch(host_batch, self.mesh)
+                data_wait = time.perf_counter() - started
+                self.trainable, self.opt_state, step_metrics = self.setup.train_step(
+                    self.trainable, self.frozen, self.opt_state, device_batch)
+                self.step += 1
+                window.add(host_batch, data_wait)
+                due_save = self.step % c.checkpoint.every_steps == 0 or self.step == stop_at
+                due_log = self.step % c.log.every_steps == 0 or self.step == stop_at
+                # Check the previous step's flag while this one runs (no pipeline stall); steps
+                # that save or log are checked at once, so no checkpoint follows a bad step.
+                if lagged is not None:
+                    _check_finite(jax.device_get(lagged), self.step - 1, last_saved)
+                lagged = step_metrics
+                if due_save or due_log:
+                    values = jax.device_get(step_metrics)
+                    _check_finite(values, self.step, last_saved)
+                    lagged = None
+                    loss = float(values["loss"])
+                    history.append((self.step, loss))
+                    if due_log:
+                        reporter.report(self.step, window.summary(
+                            values, peak, float(self.setup.schedule(self.step - 1))))
+                if due_save:
+                    manager.save(self.step, args=self._save_args(iterator), force=True)
+                    last_saved = self.step
+                reporter.advance(self.step)
+            if self.step >= stop_at and stop_at < self.total_steps:
+                stopped = "max_steps"
+            if lagged is not None:
+                _check_finite(jax.device_get(lagged), self.step, last_saved)
+            if last_saved != self.step:
+                manager.save(self.step, args=self._save_args(iterator), force=True)
+        finally:
+            manager.wait_until_finished()
+            manager.close()
+            reporter.close()
+            if previous_handler is not None:
+                signal.signal(signal.SIGTERM, previous_handler)
+        if c.stage == 1 and jax.process_index() == 0:
+            write_projector(optim.merge_params(self.trainable, self.frozen), self.model_config,
+                            os.path.join(self.workdir, "projector"))
+        logging.info("stage %d: %s at step %d/%d (checkpoint in %s)", c.stage, stopped,
+                     self.step, self.total_steps, self.workdir)
+        if stopped == "preempted":
+            raise Preempted(f"SIGTERM: saved step {self.step} to {self.workdir}; run the same "
+                            "command again to resume.")
+        return {"step": self.step, "loss": loss, "stopped": stopped, "history": history}
+
+
+def _check_finite(values: dict, step: int, last_saved: int | None) -> None:
+    if not values["finite"]:
+        raise NonFiniteLossError(
+            f"loss={float(values['loss'])}, grad_norm={float(values['grad_norm'])} at step {step}"
+            f": stopping. The update was skipped; the last checkpoint (step {last_saved}) is "
+            "intact. Lower optim.learning_rate or check the data.")
+
+
+def _main_thread() -> bool:  # signal handlers can only be installed there
+    return threading.current_thread() is threading.main_thread()
