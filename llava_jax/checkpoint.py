@@ -28,8 +28,13 @@ from typing import Any
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
+import orbax.checkpoint.experimental.v1 as ocp1
+from flax import nnx
 
+from llava_jax.data.tokenize import load_tokenizer as load_tokenizer_dir
 from llava_jax.models.config import LlavaConfig
+from llava_jax.models.llava import abstract_params
 from llava_jax.tree import flat_path, unflatten
 
 CONFIG_FILE = "llava_config.json"
@@ -42,11 +47,9 @@ class CheckpointNotFoundError(FileNotFoundError):
     pass
 
 
-def _quiet_orbax():
-    import orbax.checkpoint.experimental.v1 as ocp1
-
+def quiet_orbax() -> None:
+    """Silences orbax's warnings (a few per save or restore, none actionable here)."""
     warnings.filterwarnings("ignore", module=r"orbax\..*")
-    return ocp1
 
 
 # ----- writing -----
@@ -71,7 +74,7 @@ class ModelWriter:
         self.config = config
         self.params_path = self.stage / PARAMS_DIR
         self.added: set[str] = set()
-        self._ocp = _quiet_orbax()
+        quiet_orbax()
         self.finished = False
 
     def add(self, path: str, array: np.ndarray) -> None:
@@ -82,15 +85,15 @@ class ModelWriter:
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = np.asarray(array)
-        self._ocp.partial.save(self.params_path, tree)
+        ocp1.partial.save(self.params_path, tree)
         self.added.add(path)
 
     def add_tree(self, tree: dict) -> None:
         """Saves a nested dict of arrays in one go (small models, trained params)."""
-        self._ocp.partial.save(self.params_path, tree)
+        ocp1.partial.save(self.params_path, tree)
 
     def finish(self, tokenizer_dir: str | os.PathLike | None = None, tokenizer=None) -> Path:
-        self._ocp.partial.finalize(self.params_path)
+        ocp1.partial.finalize(self.params_path)
         (self.stage / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(self.stage / TOKENIZER_DIR))
@@ -113,8 +116,6 @@ class ModelWriter:
 
 def save_model(model, output: str | os.PathLike, *, tokenizer=None, overwrite: bool = False) -> Path:
     """Writes an in-memory LlavaModel (and optionally its tokenizer) as a model directory."""
-    from flax import nnx
-
     params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     with ModelWriter(output, model.config, overwrite=overwrite) as writer:
         writer.add_tree(params)
@@ -161,9 +162,7 @@ def load_params(path: str | os.PathLike, abstract_params: Any, *, step: int | No
     Leaves with a `.sharding` come back as sharded jax.Arrays, others as numpy arrays.
     partial: `abstract_params` names only a sub-tree; the rest is never read.
     """
-    import orbax.checkpoint as ocp
-
-    _quiet_orbax()
+    quiet_orbax()
     directory = params_directory(path, step)
 
     def restore_args(leaf):
@@ -193,9 +192,7 @@ def load_param_leaf(path: str | os.PathLike, flat_name: str, shape, dtype) -> np
 
 def stored_param_dtypes(path: str | os.PathLike) -> dict[str, np.dtype]:
     """Flat path -> dtype as stored on disk."""
-    import orbax.checkpoint as ocp
-
-    _quiet_orbax()
+    quiet_orbax()
     metadata = ocp.PyTreeCheckpointer().metadata(params_directory(path).absolute())
     tree = getattr(metadata, "item_metadata", None) or getattr(metadata, "tree", metadata)
     tree = getattr(tree, "tree", tree)
@@ -204,14 +201,11 @@ def stored_param_dtypes(path: str | os.PathLike) -> dict[str, np.dtype]:
 
 
 def load_tokenizer(path: str | os.PathLike):
-    """The checkpoint's tokenizer (transformers fast tokenizer), or None."""
+    """The checkpoint's tokenizer (`data.load_tokenizer` on its tokenizer/ folder), or None."""
     tokenizer_dir = Path(path) / TOKENIZER_DIR
     if not (tokenizer_dir / "tokenizer.json").exists():
         return None
-    from transformers import PreTrainedTokenizerFast
-
-    # Not AutoTokenizer: transformers 5 rewrites Llama whitespace handling there.
-    return PreTrainedTokenizerFast.from_pretrained(str(tokenizer_dir))
+    return load_tokenizer_dir(str(tokenizer_dir))
 
 
 @dataclasses.dataclass
@@ -236,10 +230,6 @@ def load_pretrained(path: str | os.PathLike, dtype: str | None = None, *,
       Pretrained(model, config, tokenizer). `model(input_ids, pixel_values=None,
       attention_mask=None)` returns float32 logits [batch, seq, vocab].
     """
-    from flax import nnx
-
-    from llava_jax.models.llava import abstract_params
-
     config = read_config(path)
     if dtype is not None:
         dtype = dtype if isinstance(dtype, str) else np.dtype(dtype).name  # jnp.bfloat16 too

@@ -20,6 +20,7 @@ Batches are split over (data, fsdp). Activations are left to XLA's sharding prop
 from __future__ import annotations
 
 import math
+import os
 import re
 from typing import Any, Sequence
 
@@ -218,8 +219,6 @@ def maybe_initialize_distributed(mode: str = "auto") -> bool:
     multi-worker Cloud TPU slice (TPU_WORKER_HOSTNAMES lists several hosts). Must run before any
     other JAX call. Returns whether it initialized.
     """
-    import os
-
     if mode not in ("auto", "yes", "no"):
         raise ValueError(f"distributed={mode!r}: use 'auto', 'yes' or 'no'.")
     if mode == "no":

@@ -161,6 +161,7 @@ def _write_image_tokenizer(input_dir: Path, target: Path, vocab_size: int) -> No
                         "tokenizer (add a tokenizer.json to convert it). <image>=%d, <pad>=%d.",
                         input_dir, image_index, pad_index)
         return
+    # Only here: transformers takes seconds to import, and only this path needs it.
     from transformers import AddedToken, PreTrainedTokenizerFast
 
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(input_dir))

@@ -137,7 +137,7 @@ def from_original_llava(config: dict[str, Any], clip_config: dict[str, Any], *,
 
 def to_hf_llava(config: LlavaConfig, torch_dtype: str = "float32") -> dict[str, Any]:
     """LlavaConfig -> a transformers `LlavaConfig` dict (written as config.json)."""
-    import transformers
+    import transformers  # only here: it takes seconds to import, and only export needs it
 
     if config.projector_type != "mlp2x_gelu":
         raise ConfigError(f"projector_type={config.projector_type!r} has no transformers "

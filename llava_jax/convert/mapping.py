@@ -17,6 +17,7 @@ import re
 from typing import Callable
 
 import numpy as np
+from flax import nnx
 
 from llava_jax.models.config import LlavaConfig
 from llava_jax.tree import flatten, unflatten
@@ -122,8 +123,6 @@ def flat_param_shapes(model) -> dict[str, tuple[int, ...]]:
 
 def flatten_params(model) -> dict:
     """Our flat path -> array (or ShapeDtypeStruct) for every nnx.Param of a model."""
-    from flax import nnx
-
     return flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
 

@@ -7,6 +7,8 @@ names of transformers 5 (`LlavaForConditionalGeneration._checkpoint_conversion_m
 from __future__ import annotations
 
 import numpy as np
+import torch
+import transformers
 
 from llava_jax.convert import hf_config, mapping
 
@@ -24,8 +26,6 @@ def torch_state(tensors: dict, prefixes: dict[str, str]) -> dict:
 
     Names matching no prefix are dropped (e.g. the vision tower for a text-only module).
     """
-    import torch
-
     out = {}
     for name, value in tensors.items():
         for old, new in prefixes.items():
@@ -40,9 +40,6 @@ def transformers_llava(model, *, attn_implementation: str | None = None, train: 
 
     Raises RuntimeError when a weight has no counterpart on either side.
     """
-    import torch
-    import transformers
-
     config = transformers.LlavaConfig.from_dict(hf_config.to_hf_llava(model.config))
     if attn_implementation is not None:
         config.text_config._attn_implementation = attn_implementation

@@ -69,7 +69,7 @@ class _TorchBinFile:
     """A `pytorch_model*.bin` file, opened lazily with mmap and weights_only."""
 
     def __init__(self, path: Path):
-        try:
+        try:  # torch is optional (the `torch` extra): only .bin files need it
             import torch
         except ImportError as e:
             raise CheckpointError(f"{path}: reading .bin checkpoints needs PyTorch: "
@@ -89,7 +89,7 @@ class _TorchBinFile:
         return tuple(self.state[name].shape)
 
     def get(self, name: str) -> np.ndarray:
-        import torch
+        import torch  # optional dependency, present once __init__ succeeded
 
         tensor = self.state[name]
         if tensor.dtype == torch.bfloat16:

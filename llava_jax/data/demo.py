@@ -18,23 +18,18 @@ Generated deterministically on first use (a few seconds) into a cache directory
 
 Every answer is one word that only the image determines: colour (6), shape (4), count (one ..
 four) or position (left/right/top/bottom, single-shape scenes, 40% of the images so that where
-a shape is gets asked often). The best constant answer per category scores 0.33 on eval.jsonl;
-the demo config reaches 0.94-0.97 within minutes.
+a shape is gets asked often). The best constant answer per category scores 0.33 on eval.jsonl.
 
 Stage 1 carries most of the visual learning: a caption ("a red circle at the top.", "three
 red circles.") names colour, shape and count or position in ~5 target tokens, where a stage-2
-sample spends ~60 tokens on one answer. Measured on the demo model: 2000 captions seen 3 times
-taught nothing stage 2 could use; 16000 fresh ones, each seen once, give captions right on
-held-out images (shape 0.96, the others 1.0) and lift stage 2's shape from chance to 0.9+.
-Every position phrase is "at the <side>", so the caption picks the side with one 4-way word,
-as the one-word answer must (with "on the left" / "at the top" the preposition picked the axis
-first, and stage 2 answered "top" to a quarter of the left/right questions in one run).
+sample spends ~60 tokens on one answer, so there are many captions (each image seen once: fresh
+images generalise, repeated ones are memorised). Every position phrase is "at the <side>", so
+the caption names the side with one 4-way word, as the one-word answer must.
 
 Stage 2 asks every image each of its question types (3, or 4 for a lone shape), each question
-its own sample, as eval.jsonl asks them (training puts the image right before it). Measured on
-the demo model, one multi-round conversation per image (data version 3) taught where a shape is
-in some runs only (position 0.35-0.95), and a fixed question order became a cue for the type of
-answer (BUILD_NOTES.md, "Demo accuracy").
+its own sample, as eval.jsonl asks them (training puts the image right before it): in
+multi-round conversations a fixed question order becomes a cue for the type of answer.
+What each of these choices was measured to change: BUILD_NOTES.md, "Demo accuracy".
 
 The tokenizer imitates SentencePiece Llama: Metaspace "▁" word prefix, <unk>=0, <s>=1, </s>=2,
 BOS added by the post-processor, and <image>, <pad> as the last two ids. It is built with the
@@ -51,6 +46,7 @@ import shutil
 import tempfile
 
 from PIL import Image, ImageDraw
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from llava_jax.data.conversation import IMAGE_TOKEN, SHORT_ANSWER_PROMPT, TEMPLATES
 from llava_jax.data.sources import cache_root
@@ -247,8 +243,6 @@ def train_llama_like_bpe(corpus: list[str], vocab_size: int, *, special_tokens, 
     special_tokens get the first ids (<unk>, <s>, </s>, ...); added_tokens the ids after the
     learned vocabulary (as llava-hf appends <image> and <pad>). add_bos: prepend <s> (id 1).
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True))
     # Words start at "▁" (SentencePiece style) and "\n" stands alone, so no merge crosses a
     # line break (Llama's vocabulary has no such pieces either).

@@ -333,7 +333,7 @@ def make_dataset(
     """
     validate_data_config(data_config)
     if shard_index is None or shard_count is None:
-        import jax
+        import jax  # only here: the data package stays importable (and fast) without JAX
 
         shard_index = jax.process_index() if shard_index is None else shard_index
         shard_count = jax.process_count() if shard_count is None else shard_count

@@ -19,6 +19,7 @@ from __future__ import annotations
 import array
 import codecs
 import hashlib
+import glob
 import json
 import os
 import re
@@ -336,6 +337,7 @@ def decode_array_record(data: bytes) -> dict:
 
 def _require_array_record():
     try:
+        # Optional dependency (the `tfds` extra): imported only when ArrayRecord data are used.
         from array_record.python import array_record_data_source  # noqa: F401
     except ImportError as error:
         raise ImportError(
@@ -346,8 +348,6 @@ def _require_array_record():
 
 def array_record_paths(pattern_or_paths) -> list[str]:
     """Shard files from a list, a directory, or a glob / prefix ("out" -> out-*.array_record)."""
-    import glob
-
     if isinstance(pattern_or_paths, (list, tuple)):
         return [str(path) for path in pattern_or_paths]
     path = str(pattern_or_paths)

@@ -8,8 +8,10 @@ import os
 from typing import Sequence
 
 from PIL import Image
+from transformers import PreTrainedTokenizerFast
 
 from llava_jax.data.conversation import TEMPLATES
+from llava_jax.data.demo import train_llama_like_bpe
 
 _CORPUS = (
     "What is in the image? A cat. What color is it? Black. The dog runs in the park.",
@@ -27,10 +29,6 @@ def build_test_tokenizer(chatml: bool = False, vocab_size: int = 700):
     "</s>"), <unk>=0, <s>=1, </s>=2, BOS added, then <image> and <pad>.
     `chatml=True` instead: <|im_start|> / <|im_end|> special tokens and no BOS (ChatML models).
     """
-    from transformers import PreTrainedTokenizerFast
-
-    from llava_jax.data.demo import train_llama_like_bpe
-
     corpus = list(_CORPUS) + [t.system for t in TEMPLATES.values()]
     corpus = [text.replace("</s>", " ").replace("<s>", " ") for text in corpus]
     specials = ["<unk>", "<s>", "</s>"] + (["<|im_start|>", "<|im_end|>"] if chatml else [])

@@ -19,6 +19,7 @@ import os
 from typing import Sequence
 
 from absl import app, flags, logging
+from tqdm import tqdm
 
 from llava_jax.data.sources import JsonSource, encode_array_record, record_image_names, resolve_image
 
@@ -35,13 +36,12 @@ def convert(
     progress: bool = True,
 ) -> dict:
     """Write the shards; return {"paths": [...], "written": n, "missing_image": n}."""
-    try:
+    try:  # optional dependency (the `tfds` extra)
         from array_record.python.array_record_module import ArrayRecordWriter
     except ImportError as error:
         raise ImportError(
             "to_array_record needs the `array_record` package: pip install 'llava_jax[tfds]'"
         ) from error
-    from tqdm import tqdm
 
     source = JsonSource(list(json_paths), use_index_cache=False)
     total = len(source)

@@ -33,6 +33,7 @@ import weakref
 from typing import Any, Sequence
 
 import numpy as np
+from tokenizers import Tokenizer
 
 from llava_jax.data.conversation import IMAGE_TOKEN, Segment, Template, get_template
 
@@ -143,8 +144,6 @@ class SpanEncoder:
     """
 
     def __init__(self, tokenizer):
-        from tokenizers import Tokenizer
-
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is None:
             raise TypeError(

@@ -11,7 +11,9 @@ import os
 import sys
 import time
 
+import jax
 from absl import logging
+from tqdm import tqdm
 
 from llava_jax.models.config import LlavaConfig
 
@@ -95,6 +97,8 @@ class TensorBoardWriter:
     """Scalars as TensorBoard event files (tensorboardX: no TensorFlow needed)."""
 
     def __init__(self, logdir: str):
+        # Only here: tensorboardX imports torch when it is installed (measured 1.1 s), and
+        # only runs that write event files should pay for it.
         from tensorboardX import SummaryWriter
 
         self._writer = SummaryWriter(logdir=logdir, flush_secs=30)
@@ -125,8 +129,6 @@ class ProgressReporter:
             tensorboard and workdir) else None
         self.bar = None
         if progress_bar and sys.stderr.isatty():
-            from tqdm import tqdm
-
             self.bar = tqdm(total=total_steps, initial=start_step, desc=prefix or "train",
                             dynamic_ncols=True)
 
@@ -191,8 +193,6 @@ class StepWindow:
 
     def add(self, batch: dict, data_wait: float) -> None:
         """batch: the host arrays of one step, leaves [accum, rows, ...]."""
-        import jax
-
         processes = jax.process_count()
         accum, rows, length = batch["input_ids"].shape
         with_images = "pixel_values" in batch
@@ -205,8 +205,6 @@ class StepWindow:
 
     def summary(self, values: dict, peak: float | None, learning_rate: float) -> dict:
         """Averages since the last summary (and resets); `values` are the last step's metrics."""
-        import jax
-
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         steps = max(self.steps, 1)
         out = {"loss": float(values["loss"]), "grad_norm": float(values["grad_norm"]),

@@ -77,7 +77,7 @@ class Trainer:
 
     # ----- state -----
     def _manager(self) -> ocp.CheckpointManager:
-        ckpt._quiet_orbax()
+        ckpt.quiet_orbax()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=self.config.checkpoint.max_to_keep, create=True,
             enable_async_checkpointing=self.config.checkpoint.async_save)
