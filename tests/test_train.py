@@ -319,3 +319,38 @@ def test_demo_cli_end_to_end(tmp_path):
     assert list((tmp_path / "stage2" / "tensorboard").iterdir())
     model = ckpt.load_pretrained(tmp_path / "stage2")
     assert model.config.text.vocab_size == len(model.tokenizer)
+
+
+def _load_demo_config():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo_config", REPO / "configs" / "demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def test_demo_config_generates_data_on_first_use_not_on_load(tmp_path, monkeypatch):
+    from llava_jax.training import state
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("LLAVA_JAX_CACHE", str(cache))
+    config = _load_demo_config()
+    assert not cache.exists()  # loading the config wrote nothing
+    assert config.stage1.data.json_paths[0].startswith(str(cache))
+    assert config.eval.file.startswith(str(cache))
+    calls = []
+    monkeypatch.setattr(state.demo, "prepare", lambda *a, **k: calls.append(a) or {})
+    state.prepare_builtin_data(config.stage1)
+    assert len(calls) == 1
+    with config.stage1.unlocked():
+        config.stage1.data.builtin = ""
+    state.prepare_builtin_data(config.stage1)
+    assert len(calls) == 1
+
+
+def test_unknown_builtin_data_is_a_config_error(demo_data):
+    config = tiny_config(demo_data)
+    config.data.builtin = "imagenet"
+    with pytest.raises(ValueError, match="data.builtin"):
+        validate_config(config)
