@@ -3,6 +3,7 @@
 Public entry points (imported lazily so that `import llava_jax.data` stays light):
     llava_jax.load_pretrained(path, dtype=...)  -> Pretrained(model, config, tokenizer)
     llava_jax.generate(model, input_ids, ...)   -> new token ids
+    llava_jax.GenerationConfig(max_new_tokens=...) the settings generate / stream take
 """
 
 import importlib
@@ -16,6 +17,7 @@ _LAZY = {
     "load_pretrained": ("llava_jax.checkpoint", "load_pretrained"),
     "Pretrained": ("llava_jax.checkpoint", "Pretrained"),
     "generate": ("llava_jax.inference.generation", "generate"),
+    "GenerationConfig": ("llava_jax.inference.generation", "GenerationConfig"),
     "LlavaConfig": ("llava_jax.models.config", "LlavaConfig"),
     "LlavaModel": ("llava_jax.models.llava", "LlavaModel"),
 }

@@ -24,7 +24,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-IMAGE_TOKEN = "<image>"
+from llava_jax.checkpoint import load_pretrained
+from llava_jax.data import IMAGE_TOKEN, ImageDecodeError, get_template
+from llava_jax.inference.batch import Prompt, build_inputs, load_pixels
+from llava_jax.inference.generation import decode_new_tokens, stream
 
 
 class ChatError(Exception):
@@ -37,12 +40,10 @@ class ChatSession:
     def __init__(self, model, tokenizer, *, template: str = "vicuna_v1",
                  temperature: float = 0.2, top_p: float = 1.0, max_new_tokens: int = 512,
                  seed: int = 0):
-        from llava_jax.data import get_template
-
         if tokenizer is None:
             raise ChatError("the checkpoint has no tokenizer/ folder; chat needs one.")
         self.model, self.tokenizer = model, tokenizer
-        self.template = get_template(template)
+        self.template_name, self.template = template, get_template(template)
         self.temperature, self.top_p = temperature, top_p
         self.max_new_tokens, self.seed = max_new_tokens, seed
         self.history: list[tuple[str, str]] = []
@@ -51,20 +52,15 @@ class ChatSession:
 
     def set_image(self, path: str | None) -> None:
         """Loads (and preprocesses per the config's image_aspect) a new image; resets history."""
-        from llava_jax.data import ImageDecodeError, decode_image, preprocess_image
-
         self.reset()
         if path is None:
             self.pixels = None
             return
         config = self.model.config
         try:
-            image = decode_image(path)
-        except FileNotFoundError:
-            raise ChatError(f"image {path} not found.") from None
-        except ImageDecodeError as error:
-            raise ChatError(f"{path}: {error}") from None
-        self.pixels = preprocess_image(image, config.vision.image_size, config.image_aspect)
+            self.pixels = load_pixels(path, config.vision.image_size, config.image_aspect)
+        except (FileNotFoundError, ImageDecodeError) as error:
+            raise ChatError(str(error)) from None
 
     def reset(self) -> None:
         self.history = []
@@ -72,28 +68,25 @@ class ChatSession:
     def ask(self, question: str, on_text: Callable[[str], None] | None = None) -> str:
         """Generates the answer to `question` given the history; `on_text` receives each new
         piece of decoded text as it is produced. Returns the whole answer (added to history)."""
-        from llava_jax.data import tokenize_generation_prompt
-        from llava_jax.inference.generation import decode_new_tokens, stream
-
         config = self.model.config
         question = question.replace(IMAGE_TOKEN, "").strip()
         with_image = self.pixels is not None and not self.history
         if with_image:
             question = f"{IMAGE_TOKEN}\n{question}"
-        ids = tokenize_generation_prompt(question, self.tokenizer, self.template,
-                                         config.num_image_tokens, config.image_token_index,
-                                         history=self.history)
-        budget = min(self.max_new_tokens, config.text.max_position_embeddings - len(ids))
-        if budget < 1:
-            raise ChatError(f"the conversation ({len(ids)} tokens) fills the model's "
-                            f"{config.text.max_position_embeddings} positions; /reset to start over.")
         # The image belongs to the conversation's first turn: every later prompt repeats it.
         needs_image = IMAGE_TOKEN in question or self._history_has_image()
-        pixels = self.pixels[None, None] if needs_image else None
+        inputs = build_inputs([Prompt(question, self.pixels if needs_image else None,
+                                      self.history)], self.tokenizer, self.template_name, config)
+        length = inputs.input_ids.shape[1]
+        budget = min(self.max_new_tokens, config.text.max_position_embeddings - length)
+        if budget < 1:
+            raise ChatError(f"the conversation ({length} tokens) fills the model's "
+                            f"{config.text.max_position_embeddings} positions; /reset to start over.")
         stop = [self.template.stop_str] if self.template.stop_str else []
         generated: list[int] = []
         shown = ""
-        for step in stream(self.model, ids[None], pixels, max_new_tokens=budget,
+        for step in stream(self.model, inputs.input_ids, inputs.pixel_values,
+                           image_mask=inputs.image_mask, max_new_tokens=budget,
                            temperature=self.temperature, top_p=self.top_p,
                            seed=self.seed + self.turns, stop_strings=stop,
                            tokenizer=self.tokenizer):
@@ -210,8 +203,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    from llava_jax.checkpoint import load_pretrained
-
     try:
         if not os.path.isdir(args.checkpoint):
             raise ChatError(f"checkpoint directory {args.checkpoint} does not exist.")

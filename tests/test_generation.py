@@ -237,3 +237,38 @@ def test_stacked_and_unstacked_decode_paths_agree(model, prompts):
     np.testing.assert_array_equal(fast, stacked)
     streamed = list(generation.stream(model, ids, pixels, unstack_layers=False, **kwargs))
     np.testing.assert_array_equal(np.stack(streamed, axis=1), stacked)
+
+
+def test_a_generation_config_and_keywords_are_one_interface(model, text_batch, text_greedy):
+    ids, mask = text_batch
+    config = generation.GenerationConfig(max_new_tokens=MAX_NEW, temperature=0.9, seed=3)
+    # Keywords override the config's fields: temperature 0 is greedy whatever the config says.
+    overridden = generation.generate(model, ids, attention_mask=mask, config=config,
+                                     temperature=0.0)
+    np.testing.assert_array_equal(overridden, text_greedy)
+    sampled = generation.generate(model, ids, attention_mask=mask, config=config)
+    by_keywords = generation.generate(model, ids, attention_mask=mask, max_new_tokens=MAX_NEW,
+                                      temperature=0.9, seed=3)
+    np.testing.assert_array_equal(sampled, by_keywords)
+    with pytest.raises(TypeError, match=r"unknown generation setting\(s\) \['max_tokens'\]"):
+        generation.generate(model, ids, max_tokens=3)
+    with pytest.raises(TypeError, match="needs max_new_tokens"):
+        next(generation.stream(model, ids, attention_mask=mask))
+    with pytest.raises(ValueError, match="top_p"):
+        generation.GenerationConfig(max_new_tokens=2, top_p=0.0)
+
+
+def test_the_models_per_layer_forward_equals_its_stacked_forward(model, prompts):
+    """`layers=` (what CPU decoding uses) is the same computation as the stacked layers."""
+    rows, pixels = prompts
+    ids, mask = _pad(rows, "right")
+    stacked = model(ids, pixels, mask)
+    layers = model.language_model.unstack_layers()
+    assert len(layers) == model.config.text.num_layers
+    np.testing.assert_allclose(model(ids, pixels, mask, layers=layers), stacked, atol=1e-6)
+    cache = model.init_cache(3, ids.shape[1])
+    per_layer = model.language_model.unstack_cache(cache)
+    logits, new_cache = model(ids, pixels, mask, cache=per_layer, cache_index=0, layers=layers)
+    np.testing.assert_allclose(logits, stacked, atol=1e-6)
+    stacked_logits, stacked_cache = model(ids, pixels, mask, cache=cache, cache_index=0)
+    np.testing.assert_allclose(new_cache["layers"][1]["k"], stacked_cache["k"][1], atol=1e-6)

@@ -1,6 +1,7 @@
 """Inference: batched KV-cache generation on the model's own forward, and prompt batching.
 
     generation.py  generate(model, input_ids, ...) / stream(...): one jitted prefill + decode
+                   on the model's own forward; GenerationConfig, the settings both take
     batch.py       prompts + images -> the arrays generate takes (chat, eval, serving)
 
 May import models/ and data/; nothing of training/, evaluation/ or convert/.

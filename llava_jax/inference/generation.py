@@ -25,6 +25,7 @@ stopping token(s) are part of the output and every later position holds the pad 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Iterator, Sequence
 
@@ -33,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llava_jax.models.llama import attention_mask, rotary_tables
+from llava_jax.models.llama import LlamaModel
 
 PROMPT_BUCKET = 32  # prompt lengths are rounded up to a multiple of this (left padding)
 _NO_TOKEN = -1  # filler in the stop-sequence window: never equals a real token id
@@ -177,56 +178,22 @@ def _prefill(model, ids, mask, pixel_values, image_mask, cache_length):
 
 
 def _decode_layers(model, unstack: bool):
-    """The decoder layers for decoding: None (use the model's own stacked forward) or a list
-    of per-layer modules for the unstacked decode path.
-
-    Why a separate decode path: the model keeps layer weights stacked [layers, ...] and
-    slices layer i inside its (scanned) forward. On CPU, XLA materialises that slice (a copy
-    of every layer's weights) on every decode step. Slicing the weights once before the loop
-    removes the copies; it costs one temporary copy of the decoder weights per call, so it is
-    the default on CPU only. The per-layer modules run their own `__call__`.
-    """
-    if not unstack:
-        return None
-    graphdef, state = nnx.split(model.language_model.layers)
-    return [nnx.merge(graphdef, jax.tree.map(lambda p, i=i: p[i], state))
-            for i in range(model.config.text.num_layers)]
+    """None (decode with the model's stacked layers) or its per-layer modules
+    (`LlamaModel.unstack_layers`: on CPU a decode step then copies no weights)."""
+    return model.language_model.unstack_layers() if unstack else None
 
 
 def _step_cache(cache: dict, layers) -> dict:
-    """The prefill cache in the decode layout: the model's (stacked) or, for the unstacked
-    path, one {k, v} [b, kv_heads, slots, head_dim] per layer."""
-    if layers is None:
-        return cache
-    return {"layers": [{"k": cache["k"][i], "v": cache["v"][i]} for i in range(len(layers))],
-            "segment_ids": cache["segment_ids"]}
+    """The prefill cache in the layout the decode layers take."""
+    return cache if layers is None else LlamaModel.unstack_cache(cache)
 
 
 def _decode(model, layers, token, cache, slot, position):
-    """One step: token int32 [b] at cache `slot`, rotary `position` [b] -> logits [b, V].
-
-    `layers` None: the model's own forward; else the unstacked path (`_decode_layers`)."""
-    batch = token.shape[0]
-    ones = jnp.ones((batch, 1), jnp.int32)
-    if layers is None:
-        logits, cache = model(token[:, None], segment_ids=ones, positions=position[:, None],
-                              cache=cache, cache_index=slot)
-        return logits[:, 0], cache
-    lm = model.language_model
-    text = model.config.text
-    cos, sin = rotary_tables(position[:, None], text.resolved_head_dim, text.rope_theta,
-                             text.rope_scaling_factor)
-    kv_segments = jax.lax.dynamic_update_slice(cache["segment_ids"], ones, (0, slot))
-    kv_slots = jnp.broadcast_to(jnp.arange(kv_segments.shape[1], dtype=jnp.int32),
-                                kv_segments.shape)
-    mask = attention_mask(ones, kv_segments, jnp.full((batch, 1), slot, jnp.int32), kv_slots)
-    hidden = lm.embed(token[:, None])
-    new_layers = []
-    for layer, layer_cache in zip(layers, cache["layers"]):
-        hidden, layer_cache = layer(hidden, cos, sin, mask, layer_cache, slot)
-        new_layers.append(layer_cache)
-    logits = lm.logits(lm.norm(hidden))[:, 0]
-    return logits, {"layers": new_layers, "segment_ids": kv_segments}
+    """One step: token int32 [b] at cache `slot`, rotary `position` [b] -> logits [b, V]."""
+    ones = jnp.ones((token.shape[0], 1), jnp.int32)
+    logits, cache = model(token[:, None], segment_ids=ones, positions=position[:, None],
+                          cache=cache, cache_index=slot, layers=layers)
+    return logits[:, 0], cache
 
 
 def _finished(token, window, eos_ids, stop_tokens, stop_valid):
@@ -315,30 +282,87 @@ def _step_jit(graphdef, state, layer_graphdef, layer_states, token, cache, slot,
 # Public API
 
 
-def _unstack(unstack_layers: bool | None) -> bool:
-    return jax.default_backend() == "cpu" if unstack_layers is None else bool(unstack_layers)
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+    """How `generate` and `stream` decode: length, sampling, stopping, compilation.
+
+    Every field is also a keyword of `generate` / `stream`, overriding `config=`:
+    `generate(model, ids, max_new_tokens=64, temperature=0.7)` equals
+    `generate(model, ids, config=GenerationConfig(max_new_tokens=64, temperature=0.7))`.
+
+    Fields:
+      max_new_tokens: upper bound on generated tokens per row.
+      temperature: 0 = greedy (argmax, as transformers' do_sample=False); > 0 samples.
+      top_p, top_k: nucleus / top-k filtering when sampling (1.0 / 0 = off).
+      eos_token_id: id or ids that end a row (default: model.config.eos_token_id).
+      pad_token_id: written after a row stops (default: config.pad_token_id, else EOS).
+      seed: sampling seed; the same seed, batch and settings give the same tokens.
+      stop_token_ids: token sequences that end a row (e.g. the template's stop string ids).
+      stop_strings: end a row once its decoded text contains one (needs `tokenizer=`).
+      bucket: prompts are left-padded to a multiple of this (fewer recompilations).
+      unstack_layers: decode with per-layer weight copies (default: on CPU only; see
+        `LlamaModel.unstack_layers`). The tokens are the same either way.
+    """
+
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    eos_token_id: int | Sequence[int] | None = None
+    pad_token_id: int | None = None
+    seed: int = 0
+    stop_token_ids: Sequence[Sequence[int]] | None = None
+    stop_strings: Sequence[str] | None = None
+    bucket: int = PROMPT_BUCKET
+    unstack_layers: bool | None = None
+
+    def __post_init__(self):
+        if int(self.max_new_tokens) < 1:
+            raise ValueError(f"max_new_tokens must be >= 1; got {self.max_new_tokens}.")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError("need temperature >= 0, 0 < top_p <= 1 and top_k >= 0; got "
+                             f"temperature={self.temperature}, top_p={self.top_p}, "
+                             f"top_k={self.top_k}.")
+        if int(self.bucket) < 1:
+            raise ValueError(f"bucket must be >= 1; got {self.bucket}.")
+
+    @property
+    def unstack(self) -> bool:
+        """Whether decoding uses per-layer weight copies (`unstack_layers`, CPU by default)."""
+        if self.unstack_layers is None:
+            return jax.default_backend() == "cpu"
+        return bool(self.unstack_layers)
+
+
+def resolve_config(config: GenerationConfig | None, overrides: dict) -> GenerationConfig:
+    """`config` with keyword overrides applied; unknown keywords are an error naming the fields."""
+    fields = [field.name for field in dataclasses.fields(GenerationConfig)]
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise TypeError(f"unknown generation setting(s) {unknown}; the settings are {fields}.")
+    if config is not None:
+        return dataclasses.replace(config, **overrides)
+    if "max_new_tokens" not in overrides:
+        raise TypeError("generation needs max_new_tokens= (or config=GenerationConfig(...)).")
+    return GenerationConfig(**overrides)
 
 
 class _Prepared:
-    """Validated, left-aligned inputs and sampling settings shared by generate and stream."""
+    """Validated, left-aligned inputs and sampling arrays shared by generate and stream."""
 
-    def __init__(self, model, input_ids, pixel_values, attention_mask, image_mask, *,
-                 max_new_tokens, temperature, top_p, top_k, eos_token_id, pad_token_id, seed,
-                 stop_token_ids, stop_strings, tokenizer, bucket):
+    def __init__(self, model, input_ids, pixel_values, attention_mask, image_mask, tokenizer,
+                 settings: GenerationConfig):
         config = model.config
         input_ids = np.asarray(input_ids)
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be int [batch, seq]; got shape {input_ids.shape}.")
-        if int(max_new_tokens) < 1:
-            raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}.")
-        if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-            raise ValueError("need temperature >= 0, 0 < top_p <= 1 and top_k >= 0; got "
-                             f"temperature={temperature}, top_p={top_p}, top_k={top_k}.")
-        if stop_strings and tokenizer is None:
+        if settings.stop_strings and tokenizer is None:
             raise ValueError("stop_strings need a tokenizer to decode the generated text.")
         fill = 0 if config.image_token_index != 0 else 1
-        self.ids, self.mask, self.lengths = left_align(input_ids, attention_mask, bucket, fill)
+        self.ids, self.mask, self.lengths = left_align(input_ids, attention_mask,
+                                                       int(settings.bucket), fill)
         _validate_images(model, self.ids, self.mask, pixel_values, image_mask)
+        max_new_tokens = int(settings.max_new_tokens)
         limit = config.text.max_position_embeddings
         if int(self.lengths.max()) + max_new_tokens > limit:
             raise ValueError(
@@ -347,25 +371,28 @@ class _Prepared:
                 "lower max_new_tokens.")
         self.pixel_values = None if pixel_values is None else jnp.asarray(pixel_values, jnp.float32)
         self.image_mask = None if image_mask is None else jnp.asarray(image_mask, bool)
-        self.max_new_tokens = int(max_new_tokens)
-        self.eos_ids = _eos_ids(model, eos_token_id)
+        self.max_new_tokens = max_new_tokens
+        self.unstack = settings.unstack
+        self.eos_ids = _eos_ids(model, settings.eos_token_id)
+        pad_token_id = settings.pad_token_id
         if pad_token_id is None:
             pad_token_id = config.pad_token_id
         if pad_token_id is None:
             pad_token_id = int(self.eos_ids[0]) if self.eos_ids[0] >= 0 else 0
         self.pad_id = int(pad_token_id)
-        self.stop_strings = [s for s in (stop_strings or ()) if s]
+        self.stop_strings = [s for s in (settings.stop_strings or ()) if s]
         self.tokenizer = tokenizer
-        sequences = list(stop_token_ids or ())
+        sequences = list(settings.stop_token_ids or ())
         if self.stop_strings:
             sequences += stop_sequences_from_strings(self.stop_strings, tokenizer)
         self.stop_tokens, self.stop_valid = _stop_arrays(sequences)
+        temperature, top_p = settings.temperature, settings.top_p
         # Greedy at temperature 0 (as transformers' do_sample=False); sampling otherwise.
-        self.statics = dict(greedy=temperature == 0, top_k=int(top_k),
+        self.statics = dict(greedy=temperature == 0, top_k=int(settings.top_k),
                             use_top_p=temperature > 0 and top_p < 1)
         self.temperature = jnp.float32(temperature if temperature > 0 else 1.0)
         self.top_p = jnp.float32(top_p)
-        self.key = jax.random.key(seed)
+        self.key = jax.random.key(settings.seed)
 
     def cut_at_stop_strings(self, tokens: np.ndarray) -> np.ndarray:
         """Pads every row after the token that completes its first stop string."""
@@ -400,13 +427,8 @@ def stop_string_end(tokens: Sequence[int], stop_strings: Sequence[str], tokenize
     return low
 
 
-def generate(model, input_ids, pixel_values=None, *, max_new_tokens: int,
-             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-             eos_token_id: int | Sequence[int] | None = None, attention_mask=None, seed: int = 0,
-             image_mask=None, pad_token_id: int | None = None,
-             stop_token_ids: Sequence[Sequence[int]] | None = None,
-             stop_strings: Sequence[str] | None = None, tokenizer=None,
-             bucket: int = PROMPT_BUCKET, unstack_layers: bool | None = None) -> np.ndarray:
+def generate(model, input_ids, pixel_values=None, *, attention_mask=None, image_mask=None,
+             tokenizer=None, config: GenerationConfig | None = None, **settings) -> np.ndarray:
     """Generates up to `max_new_tokens` tokens for each prompt of a batch.
 
     Args:
@@ -414,63 +436,45 @@ def generate(model, input_ids, pixel_values=None, *, max_new_tokens: int,
       input_ids: int [batch, seq] prompts, each image as `num_image_tokens` copies of
         `config.image_token_index` (see `data.tokenize_generation_prompt`).
       pixel_values: float32 [batch, images, H, W, 3] (channels last, CLIP-normalized) or None.
-      max_new_tokens: upper bound on generated tokens per row.
-      temperature: 0 = greedy (argmax, as transformers' do_sample=False); > 0 samples.
-      top_p, top_k: nucleus / top-k filtering when sampling (1.0 / 0 = off).
-      eos_token_id: id or ids that end a row (default: model.config.eos_token_id).
       attention_mask: [batch, seq], 1 for real tokens; left or right padding (any pattern).
-      seed: sampling seed; the same seed, batch and settings give the same tokens.
       image_mask: bool [batch, images], which image slots are real (default: all).
-      pad_token_id: written after a row stops (default: config.pad_token_id, else EOS).
-      stop_token_ids: token sequences that end a row (e.g. the template's stop string ids).
-      stop_strings, tokenizer: end a row once its decoded text contains one of the strings.
-      bucket: prompts are left-padded to a multiple of this (fewer recompilations).
-      unstack_layers: decode with per-layer weight copies (default: on CPU only; see
-        `_decode_layers`). The tokens are the same either way.
+      tokenizer: decodes the text for `stop_strings`.
+      config, **settings: a `GenerationConfig` and/or its fields as keywords
+        (`max_new_tokens=`, `temperature=`, `top_p=`, `top_k=`, `eos_token_id=`,
+        `pad_token_id=`, `seed=`, `stop_token_ids=`, `stop_strings=`, `bucket=`,
+        `unstack_layers=`); keywords override the config's fields.
     Returns:
       np.int32 [batch, n] new tokens only, n <= max_new_tokens (the longest row). A row that
       stopped early ends with its EOS / stop tokens followed by `pad_token_id`.
     """
-    prepared = _Prepared(model, input_ids, pixel_values, attention_mask, image_mask,
-                         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                         top_k=top_k, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-                         seed=seed, stop_token_ids=stop_token_ids, stop_strings=stop_strings,
-                         tokenizer=tokenizer, bucket=bucket)
+    p = _Prepared(model, input_ids, pixel_values, attention_mask, image_mask, tokenizer,
+                  resolve_config(config, settings))
     graphdef, state = nnx.split(model)
-    p = prepared
     tokens, steps = _generate_jit(
         graphdef, state, p.ids, p.mask, p.pixel_values, p.image_mask, p.lengths, p.key,
         p.temperature, p.top_p, p.eos_ids, p.stop_tokens, p.stop_valid, np.int32(p.pad_id),
-        max_new_tokens=p.max_new_tokens, unstack=_unstack(unstack_layers), **p.statics)
+        max_new_tokens=p.max_new_tokens, unstack=p.unstack, **p.statics)
     tokens = np.asarray(tokens)[:, :int(steps)]
     return p.cut_at_stop_strings(tokens)
 
 
-def stream(model, input_ids, pixel_values=None, *, max_new_tokens: int,
-           temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-           eos_token_id: int | Sequence[int] | None = None, attention_mask=None, seed: int = 0,
-           image_mask=None, pad_token_id: int | None = None,
-           stop_token_ids: Sequence[Sequence[int]] | None = None,
-           stop_strings: Sequence[str] | None = None, tokenizer=None,
-           bucket: int = PROMPT_BUCKET,
-           unstack_layers: bool | None = None) -> Iterator[np.ndarray]:
-    """Like `generate`, but yields each step's tokens np.int32 [batch] as soon as they exist.
+def stream(model, input_ids, pixel_values=None, *, attention_mask=None, image_mask=None,
+           tokenizer=None, config: GenerationConfig | None = None,
+           **settings) -> Iterator[np.ndarray]:
+    """Like `generate` (same arguments), but yields each step's tokens np.int32 [batch] as soon
+    as they exist.
 
     Rows that have stopped yield `pad_token_id`. Stop strings are checked on the decoded text
     after every step, so the stream ends with the token that completes the stop string. With
     the same arguments the concatenated stream equals `generate`'s output.
     """
-    p = _Prepared(model, input_ids, pixel_values, attention_mask, image_mask,
-                  max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                  top_k=top_k, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-                  seed=seed, stop_token_ids=stop_token_ids, stop_strings=stop_strings,
-                  tokenizer=tokenizer, bucket=bucket)
+    p = _Prepared(model, input_ids, pixel_values, attention_mask, image_mask, tokenizer,
+                  resolve_config(config, settings))
     graphdef, state = nnx.split(model)
     batch, prompt_length = p.ids.shape
     token, cache, layer_states = _prefill_jit(
         graphdef, state, p.ids, p.mask, p.pixel_values, p.image_mask, p.key, p.temperature,
-        p.top_p, cache_length=prompt_length + p.max_new_tokens,
-        unstack=_unstack(unstack_layers), **p.statics)
+        p.top_p, cache_length=prompt_length + p.max_new_tokens, unstack=p.unstack, **p.statics)
     layer_graphdef = nnx.split(model.language_model.layers)[0]
     done = np.zeros(batch, bool)
     width = p.stop_tokens.shape[1]

@@ -157,7 +157,7 @@ class LlamaModel(nnx.Module):
         return jnp.einsum("bsd,dv->bsv", hidden, kernel, preferred_element_type=jnp.float32)
 
     def __call__(self, embeds: Array, positions: Array, segment_ids: Array, *, cache=None,
-                 cache_index=None, return_hidden: bool = False):
+                 cache_index=None, return_hidden: bool = False, layers=None):
         """Runs the decoder on input embeddings.
 
         Args:
@@ -167,6 +167,10 @@ class LlamaModel(nnx.Module):
           cache: None, or `init_cache(...)` output; then tokens go at slots
             cache_index .. cache_index + s and attend over all earlier cached slots.
           return_hidden: return the final-normed hidden state [b, s, d] instead of logits.
+          layers: None runs the stacked layers (scanned or looped, as configured); a list from
+            `unstack_layers()` runs those per-layer modules instead, with a cache in the
+            per-layer layout (`unstack_cache`). Both compute the same thing; see
+            `unstack_layers` for why decoding on CPU wants the second.
         Returns:
           logits float32 [b, s, vocab] (or hidden), and the updated cache when one was given.
         """
@@ -177,7 +181,6 @@ class LlamaModel(nnx.Module):
         q_slots = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
         if cache is None:
             mask = attention_mask(segment_ids, segment_ids, q_slots, q_slots)
-            kv_cache = None
         else:
             q_slots = q_slots + cache_index
             kv_segments = jax.lax.dynamic_update_slice(
@@ -185,18 +188,46 @@ class LlamaModel(nnx.Module):
             kv_slots = jnp.broadcast_to(
                 jnp.arange(kv_segments.shape[1], dtype=jnp.int32), kv_segments.shape)
             mask = attention_mask(segment_ids, kv_segments, q_slots, kv_slots)
-            kv_cache = {"k": cache["k"], "v": cache["v"]}
 
-        def body(layer, h, layer_cache):
-            return layer(h, cos, sin, mask, layer_cache, cache_index)
+        if layers is None:
+            def body(layer, h, layer_cache):
+                return layer(h, cos, sin, mask, layer_cache, cache_index)
 
-        hidden, new_kv = run_stacked(self.layers, embeds, body, scan=self.scan_layers,
-                                     policy_name=self.remat_policy, xs=kv_cache)
+            kv_cache = None if cache is None else {"k": cache["k"], "v": cache["v"]}
+            hidden, new_cache = run_stacked(self.layers, embeds, body, scan=self.scan_layers,
+                                            policy_name=self.remat_policy, xs=kv_cache)
+        else:
+            hidden, layer_caches = embeds, []
+            for index, layer in enumerate(layers):
+                layer_cache = None if cache is None else cache["layers"][index]
+                hidden, layer_cache = layer(hidden, cos, sin, mask, layer_cache, cache_index)
+                layer_caches.append(layer_cache)
+            new_cache = {"layers": layer_caches}
         hidden = self.norm(hidden)
         out = hidden if return_hidden else self.logits(hidden)
         if cache is None:
             return out
-        return out, {"k": new_kv["k"], "v": new_kv["v"], "segment_ids": kv_segments}
+        return out, {**new_cache, "segment_ids": kv_segments}
+
+    def unstack_layers(self) -> list[LlamaDecoderLayer]:
+        """The decoder layers as `num_layers` separate modules, each holding its own slice.
+
+        The model keeps layer weights stacked [layers, ...] and slices layer i inside its
+        forward. On CPU, XLA materialises that slice (a copy of the layer's weights) every
+        time the forward runs, which dominates a decode step. Slicing once, before a decode
+        loop, and passing the result as `layers=` removes the copies at the cost of one
+        temporary copy of the decoder weights.
+        """
+        graphdef, state = nnx.split(self.layers)
+        return [nnx.merge(graphdef, jax.tree.map(lambda p, i=i: p[i], state))
+                for i in range(self.config.num_layers)]
+
+    @staticmethod
+    def unstack_cache(cache: dict) -> dict:
+        """An `init_cache` layout cache in the layout `layers=` takes:
+        {"layers": [{"k", "v": [b, kv_heads, slots, head_dim]}, ...], "segment_ids"}."""
+        layers = [{"k": k, "v": v} for k, v in zip(cache["k"], cache["v"])]
+        return {"layers": layers, "segment_ids": cache["segment_ids"]}
 
     def init_cache(self, batch: int, max_length: int, dtype=None) -> dict:
         """An empty KV cache: k, v [layers, b, kv_heads, max_length, head_dim]; segment_ids [b, max_length]."""

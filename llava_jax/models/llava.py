@@ -68,7 +68,7 @@ class LlavaModel(nnx.Module):
                  attention_mask: Array | None = None, *, segment_ids: Array | None = None,
                  positions: Array | None = None, image_mask: Array | None = None,
                  cache: dict | None = None, cache_index: Array | int | None = None,
-                 return_hidden: bool = False):
+                 return_hidden: bool = False, layers=None):
         """Logits for a batch of token ids with images.
 
         Args:
@@ -79,6 +79,8 @@ class LlavaModel(nnx.Module):
           positions: [b, s] rotary positions; default 0..s-1 (or from cache_index).
           image_mask: bool [b, images], real image slots (default: all).
           cache, cache_index: KV cache from `init_cache` and the slot to write at.
+          layers: per-layer decoder modules from `language_model.unstack_layers()` (with a
+            cache from `language_model.unstack_cache`), or None for the stacked layers.
         Returns:
           float32 logits [b, s, vocab]; with a cache, (logits, new_cache).
         """
@@ -91,7 +93,8 @@ class LlavaModel(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32) + offset, (batch, seq))
         embeds = self.embed(input_ids, pixel_values, image_mask)
         return self.language_model(embeds, positions, segment_ids, cache=cache,
-                                   cache_index=cache_index, return_hidden=return_hidden)
+                                   cache_index=cache_index, return_hidden=return_hidden,
+                                   layers=layers)
 
     def init_cache(self, batch: int, max_length: int, dtype=None) -> dict:
         """An empty KV cache for `batch` rows of up to `max_length` tokens."""
