@@ -18,7 +18,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from llava_jax import sharding
-from llava_jax.eval import evaluate_demo
+from llava_jax.evaluation import evaluate_demo
 from llava_jax.training.trainer import EXIT_PREEMPTED, NonFiniteLossError, Preempted, Trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file[:preset].",

@@ -10,7 +10,16 @@ import pytest
 from PIL import Image
 
 from llava_jax import eval as llava_eval
-from llava_jax.evaluation import scorers
+from llava_jax.data import SHORT_ANSWER_PROMPT
+from llava_jax.evaluation import (
+    Question,
+    evaluate_demo,
+    merge_shards,
+    read_answers,
+    score_demo,
+    scorers,
+    shard_path,
+)
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "scorers")
 COMMON = ["--batch-size=4", "--max-new-tokens=4", "--no-progress"]
@@ -57,17 +66,16 @@ def _write_images(folder, names):
 
 
 def test_score_demo_counts_exact_matches_per_category():
-    questions = [llava_eval.Question(i, "q", None, "q", ref, cat)
+    questions = [Question(i, "q", None, "q", ref, cat)
                  for i, (ref, cat) in enumerate([("red", "color"), ("two", "count"),
                                                  ("blue", "color")])]
-    result = llava_eval.score_demo(list(zip(questions, ["Red.", "three", "blue"])))
+    result = score_demo(list(zip(questions, ["Red.", "three", "blue"])))
     assert result["num_correct"] == 2 and result["num_examples"] == 3
     assert result["per_category"] == {"color": 1.0, "count": 0.0}
 
 
 def test_evaluate_demo_library_call(tiny_model, demo_tokenizer):
-    result = llava_eval.evaluate_demo(tiny_model, demo_tokenizer, batch_size=8, limit=10,
-                                      max_new_tokens=4)
+    result = evaluate_demo(tiny_model, demo_tokenizer, batch_size=8, limit=10, max_new_tokens=4)
     assert result["num_examples"] == 10
     assert 0.0 <= result["accuracy"] <= 1.0
     assert result["num_correct"] == round(result["accuracy"] * 10)
@@ -136,7 +144,7 @@ def test_vqa_end_to_end_with_ground_truth(tmp_path, checkpoint):
         f"--ground-truth={os.path.join(FIXTURES, 'vqa', 'textvqa_val.json')}", *COMMON]) == 0
     answers = _lines(output)
     assert len(answers) == len(truth)
-    assert all(a["prompt"].endswith("\n" + llava_eval.SHORT_ANSWER_PROMPT) for a in answers)
+    assert all(a["prompt"].endswith("\n" + SHORT_ANSWER_PROMPT) for a in answers)
     results = json.load(open(tmp_path / "vqa_results.json"))
     assert results["num_examples"] == len(truth) and results["num_missing"] == 0
     assert 0.0 <= results["accuracy"] <= 1.0
@@ -178,14 +186,14 @@ def test_missing_inputs_are_clear_errors(tmp_path, checkpoint, capsys):
 
 def test_shard_files_merge_in_question_order(tmp_path):
     output = str(tmp_path / "answers.jsonl")
-    questions = [llava_eval.Question(i, "q", None, "q") for i in range(5)]
-    assert llava_eval.shard_path(output, 0, 1) == output
+    questions = [Question(i, "q", None, "q") for i in range(5)]
+    assert shard_path(output, 0, 1) == output
     for index in range(2):
-        with open(llava_eval.shard_path(output, index, 2), "w") as handle:
+        with open(shard_path(output, index, 2), "w") as handle:
             for q in questions[index::2]:
                 handle.write(json.dumps({"question_id": q.question_id, "text": str(index)}) + "\n")
-    llava_eval.merge_shards(output, 2, questions)
-    merged = llava_eval.read_answers(output, questions)
+    merge_shards(output, 2, questions)
+    merged = read_answers(output, questions)
     assert [r["question_id"] for r in merged] == [0, 1, 2, 3, 4]
     assert [r["text"] for r in merged] == ["0", "1", "0", "1", "0"]
     shutil.rmtree(tmp_path)
