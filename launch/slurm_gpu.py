@@ -29,21 +29,16 @@ import shlex
 import subprocess
 import sys
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+if __package__:  # imported as launch.slurm_gpu (python -m launch.slurm_gpu, tests)
+    from . import common
+else:  # run as a script: launch/ is sys.path[0]
+    import common
+
 # SLURM --time formats: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
 TIME_PATTERN = re.compile(r"^(\d+-)?\d+(:\d+){0,2}$")
 # Same port rule as JAX's own SLURM detection: an ephemeral port picked by the job id, so two
 # jobs sharing a node do not collide.
 PORT_FROM_JOB_ID = "$(( SLURM_JOB_ID % 4096 + 61440 ))"
-
-
-def _split_train_command(argv: list[str]) -> tuple[list[str], list[str]]:
-    """Launcher flags before the first `--`, the training command (verbatim) after it."""
-    if "--" not in argv:
-        return argv, []
-    index = argv.index("--")
-    return argv[:index], argv[index + 1 :]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--chdir",
-        default=REPO_ROOT,
+        default=common.REPO_ROOT,
         help="Directory the job runs in: the project on a shared filesystem "
         "(default: this checkout).",
     )
@@ -113,13 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """Parse and validate; argparse errors (exit code 2) carry a message saying what to fix."""
     parser = build_parser()
-    launcher_argv, train_command = _split_train_command(argv)
-    args = parser.parse_args(launcher_argv)
-    if not train_command:
-        parser.error(
-            "give the training command after `--`, e.g. -- python -m llava_jax.train "
-            "--config=configs/finetune.py:7b --workdir=/shared/runs/run1"
-        )
+    args, train_command = common.parse_with_train_command(parser, argv, "/shared/runs/run1")
     if args.nodes < 1:
         parser.error(f"--nodes must be at least 1; got {args.nodes}")
     if args.gpus_per_node < 1:
@@ -132,10 +121,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         parser.error(f"--coordinator-port must be in 1024..65535; got {args.coordinator_port}")
     if not re.match(r"^[A-Za-z0-9_.-]+$", args.job_name):
         parser.error(f"--job-name {args.job_name!r}: use letters, digits, '.', '_' or '-'")
-    for item in args.env:
-        name, sep, _ = item.partition("=")
-        if not sep or not ENV_NAME_PATTERN.match(name):
-            parser.error(f"--env expects KEY=VALUE with a shell variable name; got {item!r}")
+    common.check_env(parser, args.env)
     args.chdir = os.path.abspath(args.chdir)
     if args.sbatch_file is None:
         args.sbatch_file = os.path.join(args.chdir, "logs", f"{args.job_name}.sbatch")
@@ -167,8 +153,6 @@ def render_sbatch(args: argparse.Namespace, train_command: list[str]) -> str:
 
     port = str(args.coordinator_port) if args.coordinator_port else PORT_FROM_JOB_ID
     local_devices = ",".join(str(i) for i in range(args.gpus_per_node))
-    exports = [f"export {name}={shlex.quote(value)}" for name, _, value in
-               (item.partition("=") for item in args.env)]  # fmt: skip
     srun = [
         "srun", f"--nodes={args.nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
         *train_command,
@@ -189,7 +173,7 @@ def render_sbatch(args: argparse.Namespace, train_command: list[str]) -> str:
         f'export JAX_COORDINATOR_ADDRESS="${{nodes[0]}}:{port}"',
         "# One process per node drives all its GPUs (JAX's SLURM detection would give it one).",
         f"export JAX_LOCAL_DEVICE_IDS={local_devices}",
-        *exports,
+        *common.env_exports(args.env),
         "# srun sets SLURM_NTASKS (process count) and SLURM_PROCID (process id) in each task;",
         "# jax.distributed.initialize() reads them.",
         'echo "coordinator ${JAX_COORDINATOR_ADDRESS}, ${SLURM_JOB_NUM_NODES} nodes: ${nodes[*]}"',

@@ -34,7 +34,10 @@ import subprocess
 import sys
 import tempfile
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if __package__:  # imported as launch.tpu_vm (python -m launch.tpu_vm, tests)
+    from . import common
+else:  # run as a script: launch/ is sys.path[0]
+    import common
 
 # gcloud's accelerator types: TPU generation, then the TensorCore count (v2-v4, v5p) or the
 # chip count (v5litepod = v5e, v6e). Anything else is most likely a typo.
@@ -57,7 +60,6 @@ REMOTE_ARCHIVE = "llava_jax_src.tar.gz"
 REMOTE_LOG = "llava_jax_train.log"
 # A pip requirement such as jax[tpu]==0.7.2: no quotes, spaces or `$` to escape.
 PIP_REQUIREMENT_PATTERN = re.compile(r"^[A-Za-z0-9_.\-\[\],<>=!~]+$")
-ENV_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 @dataclasses.dataclass
@@ -84,14 +86,6 @@ def parse_accelerator(accelerator_type: str) -> tuple[str, int]:
             "v5litepod-16, v5p-64, v6e-8."
         )
     return match.group(1), int(match.group(2))
-
-
-def _split_train_command(argv: list[str]) -> tuple[list[str], list[str]]:
-    """Launcher flags before the first `--`, the training command (verbatim) after it."""
-    if "--" not in argv:
-        return argv, []
-    index = argv.index("--")
-    return argv[:index], argv[index + 1 :]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,13 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """Parse and validate; argparse errors (exit code 2) carry a message saying what to fix."""
     parser = build_parser()
-    launcher_argv, train_command = _split_train_command(argv)
-    args = parser.parse_args(launcher_argv)
-    if not train_command:
-        parser.error(
-            "give the training command after `--`, e.g. -- python -m llava_jax.train "
-            "--config=configs/finetune.py:7b --workdir=gs://BUCKET/run"
-        )
+    args, train_command = common.parse_with_train_command(parser, argv, "gs://BUCKET/run")
     if not args.tpu_name.strip():
         parser.error("--tpu-name must not be empty")
     try:
@@ -166,10 +154,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         parser.error(str(error))
     if not PIP_REQUIREMENT_PATTERN.match(args.jax_requirement):
         parser.error(f"--jax-requirement {args.jax_requirement!r} is not a plain pip requirement")
-    for item in args.env:
-        name, sep, _ = item.partition("=")
-        if not sep or not ENV_NAME_PATTERN.match(name):
-            parser.error(f"--env expects KEY=VALUE with a shell variable name; got {item!r}")
+    common.check_env(parser, args.env)
     if args.runtime_version is None:
         args.runtime_version = DEFAULT_RUNTIME_VERSION[args.generation]
     if args.archive is None:
@@ -227,14 +212,10 @@ def install_script(args: argparse.Namespace) -> str:
 
 def train_script(args: argparse.Namespace, train_command: list[str]) -> str:
     """Shell script that runs the training command on a worker, tee-ing its output."""
-    exports = []
-    for item in args.env:
-        name, _, value = item.partition("=")
-        exports.append(f"export {name}={shlex.quote(value)}")
     lines = [
         "set -euo pipefail",
         f"source {REMOTE_VENV}/bin/activate",
-        *exports,
+        *common.env_exports(args.env),
         f"cd {REMOTE_CODE_DIR}",
         f"{shlex.join(train_command)} 2>&1 | tee ../{REMOTE_LOG}",
     ]
@@ -264,7 +245,7 @@ def build_plan(args: argparse.Namespace, train_command: list[str]) -> list[Step]
             plan.append(
                 Step(
                     "Package this checkout (committed files at HEAD)",
-                    ["git", "-C", REPO_ROOT, "archive", "--format=tar.gz",
+                    ["git", "-C", common.REPO_ROOT, "archive", "--format=tar.gz",
                      f"--output={args.archive}", "HEAD"],
                 )  # fmt: skip
             )
@@ -362,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.repo_url and not args.skip_install:
         status = subprocess.run(
-            ["git", "-C", REPO_ROOT, "status", "--porcelain", "--untracked-files=no"],
+            ["git", "-C", common.REPO_ROOT, "status", "--porcelain", "--untracked-files=no"],
             capture_output=True, text=True,
         )  # fmt: skip
         if status.stdout.strip():

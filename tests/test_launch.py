@@ -376,3 +376,22 @@ def test_slurm_script_sets_up_jax_distributed(tmp_path):
     # detection alone would have narrowed each to GPU SLURM_LOCALID = 0).
     assert reports == ["process 0 2 0,1", "process 1 2 0,1"]
     assert "coordinator localhost:" in job.stdout
+
+
+# ------------------------------------------------------------------------------- both
+
+
+@pytest.mark.parametrize(
+    "script, args",
+    [(TPU_VM, TPU_ARGS), (SLURM_GPU, ["--nodes=2", "--chdir=/shared/llava_jax"])],
+)
+def test_launchers_also_run_as_modules_of_the_repo(script, args):
+    """`python -m launch.NAME` (shared code imported as launch.common) plans what the script does."""
+    as_script = run(script, *args, "--dry-run", "--", *TRAIN)
+    name = os.path.splitext(os.path.basename(script))[0]
+    as_module = subprocess.run(
+        [sys.executable, "-m", f"launch.{name}", *args, "--dry-run", "--", *TRAIN],
+        capture_output=True, text=True, cwd=REPO_ROOT, timeout=60,
+    )  # fmt: skip
+    assert as_script.returncode == as_module.returncode == 0, as_module.stderr
+    assert as_module.stdout == as_script.stdout

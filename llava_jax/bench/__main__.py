@@ -8,6 +8,8 @@ comparable. Results go to stdout; BUILD_NOTES.md records them with the command.
 import importlib
 import sys
 
+from llava_jax.bench.common import machine_line
+
 BENCHMARKS = {
     "data": "llava_jax.bench.data",
     "train": "llava_jax.bench.train",
@@ -22,6 +24,7 @@ def main(argv=None) -> int:
         print(__doc__.strip(), file=sys.stderr)
         print(f"\nusage: python -m llava_jax.bench {{{','.join(BENCHMARKS)}}} [flags]", file=sys.stderr)
         return 2
+    print(machine_line(), flush=True)  # numbers are only comparable on the same CPU
     module = importlib.import_module(BENCHMARKS[argv[0]])
     module.main(argv[1:])
     return 0

@@ -3,13 +3,14 @@
 Writes a random transformers-layout LLaVA checkpoint of about 2 GB (float32, several
 safetensors shards), then runs `convert hf-to-jax` and `convert jax-to-hf` on it as
 subprocesses and reports each one's peak resident memory against the checkpoint size.
+There is no PyTorch side: the references are the checkpoint's own size and the peak of
+`convert --help` (what importing python + jax + orbax alone costs).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from llava_jax.bench import common
 from llava_jax.convert import hf_config, mapping
 from llava_jax.convert.tensors import ShardedSafetensorsWriter
 from llava_jax.models.config import LlavaConfig, TextConfig, VisionConfig
@@ -27,8 +29,7 @@ from llava_jax.models.llava import abstract_model
 
 def bench_config(num_layers: int) -> LlavaConfig:
     return LlavaConfig(
-        vision=VisionConfig(hidden_size=256, intermediate_size=1024, num_layers=4, num_heads=4,
-                            image_size=112, patch_size=14),
+        vision=VisionConfig(**common.small_clip()),
         text=TextConfig(vocab_size=32064, hidden_size=1536, intermediate_size=4096,
                         num_layers=num_layers, num_heads=12, num_kv_heads=12))
 

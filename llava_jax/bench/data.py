@@ -11,13 +11,13 @@ sides of a comparison alternate and medians are reported):
 2. Token efficiency (real tokens / all tokens) on a mix665k-like length mix (576 image tokens
    + 20-1500 text tokens, ~6% text-only up to 2048): our packing with length buckets, our
    bucketing without packing, and the original's pad-to-longest-in-batch.
-3. Opening a 665K-record LLaVA JSON: index time cold and cached, and the index's memory.
+3. Opening a 665K-record LLaVA JSON: index time cold and cached, and the index's memory
+   (absolute numbers: no reference side).
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import statistics
@@ -27,6 +27,14 @@ import tempfile
 import time
 
 import numpy as np
+from absl import flags
+from PIL import Image
+
+from llava_jax.data import default_data_config, expand_to_square, make_dataset
+from llava_jax.data.batching import Item, Packer
+from llava_jax.data.conversation import get_template
+from llava_jax.data.pipeline import SampleProcessor
+from llava_jax.data.tokenize import normalize_conversation
 
 LLAMA_TOKENIZER = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "assets",
@@ -35,20 +43,20 @@ LLAMA_TOKENIZER = os.path.join(
 
 
 def _tokenizer(path: str | None):
+    # Here, not at the top: transformers costs ~1 s to import, and --help needs none of it.
     from transformers import PreTrainedTokenizerFast
 
     if path and os.path.isfile(path):
         return PreTrainedTokenizerFast(tokenizer_file=path, bos_token="<s>", eos_token="</s>",
                                        unk_token="<unk>"), "llama-2 (" + path + ")"
-    from llava_jax.data.testing import build_test_tokenizer
+    from llava_jax.data.testing import build_test_tokenizer  # imports transformers
 
     return build_test_tokenizer(), "test BPE tokenizer (Llama tokenizer not found)"
 
 
 def _photo_records(directory: str, count: int, seed: int = 0):
     """COCO-like JPEGs (real photographs resized to 640x427-ish) with 3-round conversations."""
-    from PIL import Image
-    from skimage import data
+    from skimage import data  # optional dependency (the `test` extra): the sample photographs
 
     rng = np.random.default_rng(seed)
     photos = [Image.fromarray(getattr(data, name)()) for name in ("astronaut", "coffee", "chelsea", "rocket")]
@@ -74,13 +82,7 @@ def _photo_records(directory: str, count: int, seed: int = 0):
 
 
 def bench_preprocessing(tokenizer, rounds: int, count: int, image_size: int = 336) -> dict:
-    from PIL import Image
-
-    from llava_jax.data import default_data_config, expand_to_square, make_dataset
-    from llava_jax.data.conversation import get_template
-    from llava_jax.data.pipeline import SampleProcessor
-    from llava_jax.data.tokenize import normalize_conversation
-
+    # transformers (the reference side, ~1 s to import) only when this runs.
     try:
         from transformers import CLIPImageProcessorPil as Processor
     except ImportError:
@@ -136,9 +138,6 @@ def bench_preprocessing(tokenizer, rounds: int, count: int, image_size: int = 33
 
 
 def bench_token_efficiency(count: int, batch_size: int = 16) -> dict:
-    from llava_jax.data import default_data_config
-    from llava_jax.data.batching import Item, Packer
-
     rng = np.random.default_rng(0)
     items = []
     for key in range(count):
@@ -226,8 +225,6 @@ def main(argv=None) -> dict:
     parser.add_argument("--efficiency_samples", type=int, default=20000)
     parser.add_argument("--index_records", type=int, default=665_000, help="0 skips the index test")
     args = parser.parse_args(argv)
-    from absl import flags
-
     flags.FLAGS.mark_as_parsed()
     tokenizer, tokenizer_name = _tokenizer(args.tokenizer)
     results = {"tokenizer": tokenizer_name}

@@ -21,7 +21,6 @@ that the two run the same computation.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -30,13 +29,18 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from llava_jax.bench import common
+
+# jax and our modules that import it are imported inside the functions, after main() has set
+# XLA_FLAGS for --single-thread (main warns when jax is already imported).
+
+
 def bench_config(args):
-    from llava_jax.models.config import LlavaConfig, TextConfig, VisionConfig
+    from llava_jax.models.config import LlavaConfig, TextConfig, VisionConfig  # imports jax
 
     return LlavaConfig(
-        vision=VisionConfig(hidden_size=args.vision_width, intermediate_size=4 * args.vision_width,
-                            num_layers=args.vision_layers, num_heads=max(1, args.vision_width // 64),
-                            image_size=args.image_size, patch_size=14),
+        vision=VisionConfig(**common.small_clip(args.vision_width, args.vision_layers,
+                                                args.image_size)),
         text=TextConfig(vocab_size=32064, hidden_size=args.width,
                         intermediate_size=args.width * 11008 // 4096, num_layers=args.layers,
                         num_heads=args.heads, num_kv_heads=args.heads,
@@ -46,7 +50,7 @@ def bench_config(args):
 
 def torch_reference(model):
     """transformers LlavaForConditionalGeneration (float32, eval) with `model`'s weights."""
-    from llava_jax.convert.reference import transformers_llava
+    from llava_jax.convert.reference import transformers_llava  # imports torch (optional)
 
     return transformers_llava(model)
 
@@ -69,9 +73,9 @@ def _timed(fn: Callable[[], np.ndarray]) -> tuple[float, np.ndarray]:
 
 
 def run(args) -> list[dict]:
-    import torch
+    import torch  # optional dependency (the `torch` extra)
 
-    from llava_jax.inference.generation import generate
+    from llava_jax.inference.generation import generate  # imports jax
     from llava_jax.models.llava import create_model
 
     if args.single_thread:
@@ -103,9 +107,7 @@ def run(args) -> list[dict]:
         same = np.array_equal(ours(args.max_new_tokens), theirs(args.max_new_tokens))
         times = {(side, steps): [] for side in ("jax", "torch") for steps in (1, args.max_new_tokens)}
         for repeat in range(args.repeats):
-            order = [("jax", ours), ("torch", theirs)]
-            if repeat % 2:
-                order.reverse()
+            order = common.alternate([("jax", ours), ("torch", theirs)], repeat)
             for steps in (1, args.max_new_tokens):
                 for side, fn in order:
                     times[(side, steps)].append(_timed(lambda: fn(steps))[0])
@@ -164,8 +166,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                   file=sys.stderr)
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen"
                                    "=false intra_op_parallelism_threads=1").strip()
-    import jax
-    import torch
+    import jax  # only now: XLA_FLAGS is set above
+    import torch  # optional dependency (the `torch` extra)
 
     if args.single_thread:
         torch.set_num_threads(1)
@@ -173,9 +175,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
           f"{os.environ.get('XLA_FLAGS', '')!r}), torch {torch.__version__} "
           f"({torch.get_num_threads()} threads); float32, greedy, KV cache", flush=True)
     rows = run(args)
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(rows, handle, indent=2)
+    common.write_json(args.json, rows)
     return rows
 
 

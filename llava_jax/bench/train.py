@@ -9,7 +9,7 @@ Both start from the same random weights. bfloat16 = bf16 compute with float32 ma
 (llava_jax `dtype=bfloat16`; torch `autocast(cpu, bfloat16)`).
 
 Each repeat runs one step of every (side, dtype), alternating the order; medians over repeats.
-MFU = model FLOPs per step (llava_jax.metrics.train_step_flops) / step time / peak, where
+MFU = model FLOPs per step (llava_jax.training.metrics.train_step_flops) / step time / peak, where
 the peak is measured in the same run: a bf16 jnp.dot (4096^2 x 4096) accumulating in float32.
 Model FLOPs count the LM head on every position (the standard definition); llava_jax runs it
 only on the positions with a target (half of them here, `lm_head_target_fraction`), so
@@ -19,22 +19,31 @@ only on the positions with a target (half of them here, `lm_head_target_fraction
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from typing import Sequence
 
+import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
+from flax import nnx
+
+from llava_jax import sharding
+from llava_jax.bench import common
+from llava_jax.models.config import LlavaConfig, TextConfig, VisionConfig
+from llava_jax.models.llava import abstract_params
+from llava_jax.training import metrics, optim
+from llava_jax.training.config import default_config
+from llava_jax.training.loss import lm_head_capacity
+from llava_jax.training.state import build_setup, random_params
 
 BATCH, SEQ, IMAGE_TOKENS = 4, 256, 64
 
 
-def bench_config(dtype: str):
-    from llava_jax.models.config import LlavaConfig, TextConfig, VisionConfig
-
+def bench_config(dtype: str) -> LlavaConfig:
     return LlavaConfig(
-        vision=VisionConfig(hidden_size=256, intermediate_size=1024, num_layers=4, num_heads=4,
-                            image_size=112, patch_size=14),
+        vision=VisionConfig(**common.small_clip()),
         text=TextConfig(vocab_size=32064, hidden_size=512, intermediate_size=1376, num_layers=4,
                         num_heads=8, num_kv_heads=8, max_position_embeddings=2048),
         image_token_index=32000, pad_token_id=32001, dtype=dtype, param_dtype="float32",
@@ -59,15 +68,6 @@ def make_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
 
 class JaxSide:
     def __init__(self, dtype: str, params: dict | None):
-        import jax
-        import ml_collections
-
-        from llava_jax import sharding
-        from llava_jax.training import optim
-        from llava_jax.training.config import default_config
-        from llava_jax.training.loss import lm_head_capacity
-        from llava_jax.training.state import build_setup, random_params
-
         self.config = bench_config(dtype)
         train_config = default_config(stage=2)
         train_config.loss_chunk_size = 0
@@ -87,21 +87,20 @@ class JaxSide:
         self.batch = {k: jax.device_put(v[None]) for k, v in batch.items()}
 
     def __call__(self) -> float:
-        import jax
-
         start = time.perf_counter()
-        self.trainable, self.opt_state, metrics = self.setup.train_step(
+        self.trainable, self.opt_state, step_metrics = self.setup.train_step(
             self.trainable, self.frozen, self.opt_state, self.batch)
-        loss = float(jax.device_get(metrics["loss"]))
+        loss = float(jax.device_get(step_metrics["loss"]))
         self.elapsed = time.perf_counter() - start
         return loss
 
 
 class TorchSide:
     def __init__(self, dtype: str, params: dict):
+        # Here, not at the top: torch is optional (the `torch` extra); only this side needs it.
         import torch
 
-        from llava_jax.convert.reference import transformers_llava
+        from llava_jax.convert.reference import transformers_llava  # imports torch
 
         config = bench_config("float32")
         self.model = transformers_llava(_as_model(config, params), attn_implementation="sdpa",
@@ -138,18 +137,11 @@ class TorchSide:
 
 def _as_model(config, params):
     """A LlavaModel holding `params` (what mapping.torch_tensors reads)."""
-    from flax import nnx
-
-    from llava_jax.models.llava import abstract_params
-
     return nnx.merge(abstract_params(config)[0], params)
 
 
 def measure_peak(repeats: int = 3) -> float:
     """bf16 x bf16 -> f32 matmul FLOP/s (the peak this machine's XLA reaches)."""
-    import jax
-    import jax.numpy as jnp
-
     n = 4096
     a = jnp.ones((n, n), jnp.bfloat16)
     dot = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
@@ -174,10 +166,7 @@ def parse_args(argv):
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
-    import jax
-    import torch
-
-    from llava_jax.training import metrics
+    import torch  # optional dependency (the `torch` extra): only a run needs it, not --help
 
     dtypes = [d for d in args.dtypes.split(",") if d]
     print(f"jax {jax.__version__} ({jax.devices()[0].device_kind}), torch {torch.__version__} "
@@ -196,8 +185,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     times = {key: [] for key in sides}
     first_loss = {}
     for repeat in range(args.repeats):
-        order = list(sides) if repeat % 2 == 0 else list(reversed(list(sides)))
-        for key in order:
+        for key in common.alternate(sides, repeat):
             loss = sides[key]()
             first_loss.setdefault(key, loss)
             times[key].append(sides[key].elapsed)
@@ -233,9 +221,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     result["speedup_best"] = best["torch"][0] / best["llava_jax"][0]
     print(f"llava_jax best ({best['llava_jax'][1]}) / torch best ({best['torch'][1]}) tokens/s: "
           f"{result['speedup_best']:.2f}x")
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(result, handle, indent=2)
+    common.write_json(args.json, result)
     return result
 
 
