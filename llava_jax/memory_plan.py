@@ -84,7 +84,8 @@ def main(argv):
     for capacity in _MEMORY.value:
         fits = result["peak_estimate"] <= 0.9 * float(capacity) * 2**30  # 10 % for runtime/NCCL
         print(f"  {capacity} GB device: {'fits' if fits else 'does NOT fit'}")
-    return result
+    # Nothing returned: absl's app.run passes main's return value to sys.exit, so returning the
+    # plan printed it as an error and exited 1. Library users call training.memory_plan.plan.
 
 
 if __name__ == "__main__":
