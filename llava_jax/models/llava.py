@@ -8,6 +8,8 @@ is a gather + where with static shapes, so it jits once per batch shape.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -125,6 +127,4 @@ def abstract_params(config: LlavaConfig) -> tuple[nnx.GraphDef, dict]:
 
 def count_params(model: nnx.Module) -> int:
     """Number of parameters (works on abstract models)."""
-    import math
-
     return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
