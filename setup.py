@@ -38,5 +38,8 @@ setup(
             "scikit-image>=0.22",
         ],
         "tfds": ["tensorflow-datasets>=4.9.7", "array-record>=0.7"],
+        # The TPU runtime and compiler (libtpu, matched to jax by jax's own extra): what a TPU
+        # VM installs, and on any machine what `memory_plan --topology=v5p-8` compiles with.
+        "tpu": ["jax[tpu]>=0.7"],
     },
 )

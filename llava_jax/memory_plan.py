@@ -1,17 +1,25 @@
 """`python -m llava_jax.memory_plan`: per-device memory of a training config, planned ahead.
 
-    python -m llava_jax.memory_plan --config=configs/finetune.py:13b --num_devices=8 \
-        --preset=llava-v1.5-13b [--rows_per_device=16] [--config.model.remat_policy=full]
+    python -m llava_jax.memory_plan --config=configs/finetune.py:13b --preset=llava-v1.5-13b \
+        --topology=v5p-8 [--rows_per_device=16] [--json=plan.json]
+    python -m llava_jax.memory_plan --config=configs/finetune.py:7b --preset=llava-v1.5-7b \
+        --num_devices=8 --device_memory_gb=80,40 [--config.model.remat_policy=full]
 
-Compiles the real train step for `num_devices` fake CPU devices (llava_jax.training.memory_plan)
-and prints, per device: parameters (trainable / frozen), optimizer state, XLA's argument /
-output / temporary buffer sizes, the model FLOPs per step, and whether it fits each capacity.
-Temporaries are XLA:CPU's plan: an estimate (+-20 %) of GPU/TPU's; parameter and optimizer
-bytes are exact.
+Compiles the real train step ahead of time (llava_jax.training.memory_plan) and prints, per
+device: parameters (trainable / frozen), optimizer state, the compiler's argument / output /
+temporary buffer sizes, the model FLOPs per step, the compile time, and whether it fits.
+
+  --topology=v5p-8 (v4-8, v5litepod-8, v6e-8, larger slices, or v5p:2x2x1): the real TPU
+      compiler (libtpu, from the `tpu` extra: pip install -e '.[tpu]') compiles for the
+      slice's abstract devices on this machine; the capacity is the chip's HBM.
+  otherwise: `--num_devices` fake CPU devices; XLA:CPU's temporaries are an estimate (+-20 %)
+      of a GPU's; capacities from --device_memory_gb (80 / 40 for A100/H100 80 GB, A100 40 GB).
+Parameter and optimizer bytes are exact either way. --json=FILE writes the numbers.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -23,40 +31,79 @@ from llava_jax import checkpoint as ckpt
 from llava_jax import sharding
 from llava_jax.models.config import get_preset
 from llava_jax.training.config import check_mesh_fits
-from llava_jax.training.memory_plan import plan
+from llava_jax.training.memory_plan import GIB, plan, tpu_target
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file[:preset].",
                                           lock_config=False)
-_NUM_DEVICES = flags.DEFINE_integer("num_devices", 8, "Devices of the planned mesh.")
+_NUM_DEVICES = flags.DEFINE_integer("num_devices", 8, "Fake CPU devices of the planned mesh "
+                                    "(ignored with --topology).")
+_TOPOLOGY = flags.DEFINE_string("topology", "", "TPU slice to compile for with the TPU "
+                                "compiler: v5p-8, v4-8, v5litepod-8, v6e-8, ... or v5p:2x2x1.")
 _PRESET = flags.DEFINE_string("preset", "", "LlavaConfig preset when config.model.base_dir "
                               "does not exist here (e.g. llava-v1.5-13b).")
 _ROWS = flags.DEFINE_integer("rows_per_device", 0, "Rows per device per micro-batch "
                              "(0 = optim.global_batch_size / grad_accum_steps / data-parallel).")
 _SEQ = flags.DEFINE_integer("seq_len", 0, "Row length (0 = data.max_length).")
 _IMAGES = flags.DEFINE_integer("images_per_row", 1, "Image slots per row (0 = text only).")
-_MEMORY = flags.DEFINE_list("device_memory_gb", ["80", "40"], "Capacities to check against.")
+_MEMORY = flags.DEFINE_list("device_memory_gb", ["80", "40"], "Capacities (GiB) to check "
+                            "against without --topology; the first goes to --json.")
+_JSON = flags.DEFINE_string("json", "", "Also write the plan to this JSON file.")
+# 10 % of a device's memory is left to the runtime, NCCL / ICI buffers and fragmentation.
+USABLE_FRACTION = 0.9
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    # Fake devices must be requested before the CPU backend starts (at the first device use).
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={_NUM_DEVICES.value}")
-    jax.config.update("jax_platforms", "cpu")
-    config = _CONFIG.value
+def _model_config(config):
     if _PRESET.value:
         model_config = get_preset(_PRESET.value)
     elif config.model.base_dir and os.path.isdir(config.model.base_dir):
         model_config = ckpt.read_config(config.model.base_dir)
     else:
         sys.exit(f"config.model.base_dir={config.model.base_dir!r} is not here: pass --preset.")
-    model_config = model_config.replace(
+    return model_config.replace(
         dtype=config.model.dtype, param_dtype=config.model.param_dtype,
         remat_policy=config.model.remat_policy, scan_layers=config.model.scan_layers)
+
+
+def _devices_and_capacities() -> tuple[list, list[tuple[str, int]]]:
+    """The devices to plan for and [(label, bytes per device)] to check against."""
+    if _TOPOLOGY.value:
+        try:
+            target = tpu_target(_TOPOLOGY.value)
+            devices = target.devices()
+        except (ValueError, RuntimeError) as error:
+            sys.exit(f"--topology: {error}")
+        capacity = target.device_memory_bytes(len(devices))
+        return devices, [(f"{target.name} ({capacity / GIB:.1f} GiB per device)", capacity)]
     devices = jax.devices()
     if len(devices) != _NUM_DEVICES.value:
         sys.exit(f"got {len(devices)} devices, wanted {_NUM_DEVICES.value} (JAX already started?)")
+    try:
+        capacities = [(f"{gb} GB device", int(float(gb) * GIB)) for gb in _MEMORY.value]
+    except ValueError:
+        sys.exit(f"--device_memory_gb={','.join(_MEMORY.value)}: expected numbers (GiB).")
+    return devices, capacities
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if _TOPOLOGY.value:
+        # libtpu reads these at start-up; on a machine without TPUs it otherwise logs errors
+        # about undiscoverable workers (harmless: nothing runs on the abstract devices).
+        os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+        os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+        os.environ.setdefault("TPU_ACCELERATOR_TYPE", _TOPOLOGY.value.replace(":", "-"))
+        # libtpu takes a machine-wide lock file, so a second planner (or a test run in
+        # parallel) would fail; compiling for abstract devices opens no TPU, so sharing is safe.
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    else:
+        # Fake devices must be requested before the CPU backend starts (at the first device use).
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={_NUM_DEVICES.value}")
+    jax.config.update("jax_platforms", "cpu")  # the host; TPU devices come from the topology
+    config = _CONFIG.value
+    model_config = _model_config(config)
+    devices, capacities = _devices_and_capacities()
     mesh = sharding.make_mesh(config.mesh, devices)
     data_parallel = sharding.batch_rows_divisor(mesh)
     rows_per_device = _ROWS.value or (config.optim.global_batch_size //
@@ -67,23 +114,49 @@ def main(argv):
                                               config.optim.grad_accum_steps)
     check_mesh_fits(config, mesh)
     seq_len = _SEQ.value or config.data.max_length
-    print(f"{_PRESET.value or config.model.base_dir}: stage {config.stage}, mesh "
+    print(f"{_PRESET.value or config.model.base_dir}: stage {config.stage}, "
+          f"{_TOPOLOGY.value or f'{len(devices)} CPU devices'}, mesh "
           f"{dict(mesh.shape)}, {rows_per_device} rows x {seq_len} tokens per device per "
           f"micro-batch, {config.optim.grad_accum_steps} micro-batches, remat="
           f"{config.model.remat_policy}, {config.model.param_dtype} params / "
           f"{config.model.dtype} compute, loss_chunk_size={config.loss_chunk_size}", flush=True)
     result = plan(config, model_config, mesh, rows=rows_per_device * data_parallel,
                   seq_len=seq_len, images_per_row=_IMAGES.value)
-    gib = lambda b: f"{b / 2**30:8.2f} GiB"
+    gib = lambda b: f"{b / GIB:8.2f} GiB"
     for name in ("trainable_params", "frozen_params", "optimizer_state", "arguments", "outputs",
                  "aliased", "temporaries", "peak_estimate"):
         print(f"  {name:<18} {gib(result[name])}  per device")
     print(f"  model FLOPs/step   {result['model_flops_per_device'] / 1e12:8.2f} TFLOP per device "
-          f"(XLA cost analysis: {result['xla_flops_per_device'] / 1e12:.2f}; it counts a scanned "
-          "layer once)")
-    for capacity in _MEMORY.value:
-        fits = result["peak_estimate"] <= 0.9 * float(capacity) * 2**30  # 10 % for runtime/NCCL
-        print(f"  {capacity} GB device: {'fits' if fits else 'does NOT fit'}")
+          f"(compiler's cost analysis: {result['xla_flops_per_device'] / 1e12:.2f}; XLA counts "
+          "a scanned layer once)")
+    print(f"  compile time       {result['compile_seconds']:8.1f} s ({result['platform']} compiler)")
+    fits = {label: result["peak_estimate"] <= USABLE_FRACTION * capacity
+            for label, capacity in capacities}
+    for label, fit in fits.items():
+        print(f"  {label}: {'fits' if fit else 'does NOT fit'} (90 % usable)")
+    if _JSON.value:
+        first_label, first_capacity = capacities[0]
+        record = {
+            "peak_bytes_per_device": result["peak_estimate"],
+            "device_memory_bytes": first_capacity,
+            "fits": fits[first_label],
+            "fits_by_capacity": fits,
+            "attention": getattr(model_config, "attention", "xla"),
+            "params_bytes": result["trainable_params"] + result["frozen_params"],
+            "optimizer_bytes": result["optimizer_state"],
+            "temporaries_bytes": result["temporaries"],
+            "compile_seconds": result["compile_seconds"],
+            "flops_per_device": result["model_flops_per_device"],
+            "rows_per_device": rows_per_device,
+            "seq_len": seq_len,
+            "target": _TOPOLOGY.value or f"{len(devices)}x cpu",
+            "platform": result["platform"],
+            "mesh": dict(mesh.shape),
+            **{k: v for k, v in result.items() if k not in ("platform",)},
+        }
+        with open(_JSON.value, "w", encoding="utf-8") as handle:
+            json.dump(record, handle, indent=2)
+        print(f"plan: {_JSON.value}")
     # Nothing returned: absl's app.run passes main's return value to sys.exit, so returning the
     # plan printed it as an error and exited 1. Library users call training.memory_plan.plan.
 

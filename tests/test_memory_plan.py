@@ -1,9 +1,13 @@
 """`python -m llava_jax.memory_plan` end to end: the real command on fake CPU devices."""
 
+import importlib.util
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,11 +25,11 @@ def test_memory_plan_prints_every_line_and_checks_each_capacity():
                        "--seq_len=64", "--device_memory_gb=80,0.000001")
     assert run.returncode == 0, run.stderr[-2000:]
     out = run.stdout
-    assert "stage 2, mesh {'data': 1, 'fsdp': 2, 'tensor': 1}, 1 rows x 64 tokens" in out
+    assert "stage 2, 2 CPU devices, mesh {'data': 1, 'fsdp': 2, 'tensor': 1}, 1 rows x 64" in out
     for name in ("trainable_params", "frozen_params", "optimizer_state", "temporaries",
                  "peak_estimate", "model FLOPs/step"):
         assert name in out, name
-    assert "80 GB device: fits" in out
+    assert "80 GB device: fits (90 % usable)" in out
     assert "0.000001 GB device: does NOT fit" in out
 
 
@@ -33,3 +37,44 @@ def test_memory_plan_without_a_model_says_to_pass_a_preset():
     run = _memory_plan("--num_devices=2")
     assert run.returncode != 0
     assert "is not here: pass --preset" in run.stderr
+
+
+def test_tpu_slice_names_resolve_to_topologies_and_memory():
+    from llava_jax.training.memory_plan import GIB, tpu_target
+
+    v5p = tpu_target("v5p-8")  # 8 TensorCores = 4 chips
+    assert (v5p.topology, v5p.chips, v5p.hbm_bytes_per_chip) == ("v5p:2x2x1", 4, 95 * GIB)
+    assert tpu_target("v5litepod-8").topology == "v5e:2x4"
+    assert tpu_target("v6e-8").chips == 8
+    assert tpu_target("v4-32").topology == "v4:2x2x4"
+    assert tpu_target("v5p:2x2x2").chips == 8
+    assert v5p.device_memory_bytes(num_devices=4) == 95 * GIB
+    assert tpu_target("v4-8").device_memory_bytes(num_devices=8) == 16 * GIB  # per core
+    with pytest.raises(ValueError, match="v5p slices here are v5p-8, v5p-16"):
+        tpu_target("v5p-6")
+    with pytest.raises(ValueError, match="unknown TPU topology 'a100-8'"):
+        tpu_target("a100-8")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="the TPU compiler (pip install -e '.[tpu]') is not installed")
+def test_memory_plan_compiles_with_the_tpu_compiler_for_a_slice(tmp_path):
+    out = tmp_path / "plan.json"
+    run = _memory_plan("--preset=tiny", "--topology=v5p-8", "--rows_per_device=2",
+                       "--seq_len=128", f"--json={out}")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "v5p-8 (95.0 GiB per device): fits" in run.stdout
+    plan = json.loads(out.read_text())
+    for key in ("peak_bytes_per_device", "device_memory_bytes", "fits", "attention",
+                "params_bytes", "optimizer_bytes", "temporaries_bytes", "compile_seconds",
+                "flops_per_device"):
+        assert key in plan, key
+    assert plan["platform"] == "tpu" and plan["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert plan["fits"] is True and plan["device_memory_bytes"] == 95 * 2**30
+    assert 0 < plan["params_bytes"] < plan["peak_bytes_per_device"]
+
+
+def test_memory_plan_rejects_an_unknown_topology():
+    run = _memory_plan("--preset=tiny", "--topology=v9-8")
+    assert run.returncode != 0
+    assert "unknown TPU topology 'v9-8'" in run.stderr
