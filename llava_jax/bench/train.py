@@ -14,12 +14,17 @@ the peak is measured in the same run: a bf16 jnp.dot (4096^2 x 4096) accumulatin
 Model FLOPs count the LM head on every position (the standard definition); llava_jax runs it
 only on the positions with a target (half of them here, `lm_head_target_fraction`), so
 "HFU" (the FLOPs llava_jax actually executes / time / peak) is printed next to it.
+
+`python -m llava_jax.bench train --parity [--stages=1,2] [--steps=50] ...` runs the training
+parity check instead (llava_jax/bench/parity.py: 50 steps against transformers +
+torch.optim.AdamW; exits 1 when a tolerance is exceeded).
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from typing import Sequence
 
@@ -30,7 +35,7 @@ import numpy as np
 from flax import nnx
 
 from llava_jax import sharding
-from llava_jax.bench import common
+from llava_jax.bench import common, parity
 from llava_jax.models.config import LlavaConfig, TextConfig, VisionConfig
 from llava_jax.models.llava import abstract_params
 from llava_jax.training import metrics, optim
@@ -161,10 +166,16 @@ def parse_args(argv):
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--json", default="", help="also write the results here")
+    parser.add_argument("--parity", action="store_true",
+                        help="instead: training parity with PyTorch (llava_jax.bench.parity; "
+                        "see `--parity --help` for its flags)")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--parity" in argv:  # its own flags and output (bench/parity.py)
+        return parity.main([arg for arg in argv if arg != "--parity"])
     args = parse_args(argv)
     import torch  # optional dependency (the `torch` extra): only a run needs it, not --help
 
