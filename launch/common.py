@@ -1,4 +1,4 @@
-"""What both launchers (tpu_vm.py, slurm_gpu.py) share: the `--` split and the `--env` flags.
+"""What the launchers (tpu_vm.py, slurm_gpu.py, local.py) share: the `--` split, `--env`, checks.
 
 Standard library only, like the launchers. They import it as `common` when run as scripts
 (`python launch/tpu_vm.py`: launch/ is sys.path[0]) and as `launch.common` when imported as
@@ -50,3 +50,20 @@ def env_exports(items: list[str]) -> list[str]:
     """`export KEY=VALUE` shell lines for the `--env` items, the values shell-quoted."""
     return [f"export {name}={shlex.quote(value)}"
             for name, _, value in (item.partition("=") for item in items)]  # fmt: skip
+
+
+def env_dict(items: list[str]) -> dict[str, str]:
+    """The `--env` items (already checked by `check_env`) as a dict; a later KEY wins."""
+    return dict(item.partition("=")[::2] for item in items)
+
+
+def check_at_least(parser: argparse.ArgumentParser, flag: str, value: int, minimum: int) -> None:
+    """argparse error unless `value` >= `minimum`, naming the flag."""
+    if value < minimum:
+        parser.error(f"{flag} must be at least {minimum}; got {value}")
+
+
+def check_port(parser: argparse.ArgumentParser, flag: str, port: int) -> None:
+    """argparse error unless `port` is an unprivileged TCP port (1024..65535)."""
+    if not 1024 <= port <= 65535:
+        parser.error(f"{flag} must be in 1024..65535; got {port}")

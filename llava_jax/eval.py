@@ -51,6 +51,7 @@ from llava_jax.evaluation.tasks import (
     load_questions,
     score_task,
 )
+from llava_jax.sharding import maybe_initialize_distributed
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -79,6 +80,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--pid-splits", help="scienceqa: pid_splits.json")
     parser.add_argument("--split", default="test", help="scienceqa: split of pid_splits.json")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
+    parser.add_argument("--distributed", choices=("auto", "yes", "no"), default="auto",
+                        help="jax.distributed.initialize(): auto = when launched as several "
+                        "processes (launch/local.py, SLURM, a TPU pod slice)")
     args = parser.parse_args(argv)
     if args.task != "demo" and not args.data:
         parser.error(f"--data (the question file) is required for --task={args.task}")
@@ -136,6 +140,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    maybe_initialize_distributed(args.distributed)  # before any other JAX call
     try:
         run(args)
     except (FileNotFoundError, ImageDecodeError, ValueError) as error:

@@ -210,11 +210,43 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh, batch_dim: int 
 
 # ----- multi-host -----
 
+# Set by launch/local.py (several processes on one machine) beside JAX_COORDINATOR_ADDRESS.
+# JAX reads only the address; these two are passed to jax.distributed.initialize explicitly.
+NUM_PROCESSES_ENV = "LLAVA_JAX_NUM_PROCESSES"
+PROCESS_ID_ENV = "LLAVA_JAX_PROCESS_ID"
+
+
+def launcher_processes(env=None) -> tuple[int, int] | None:
+    """(process count, process id) from launch/local.py's variables; None when they are unset.
+
+    Malformed or incomplete values are a ValueError naming the variables.
+    """
+    env = os.environ if env is None else env
+    count, index = env.get(NUM_PROCESSES_ENV), env.get(PROCESS_ID_ENV)
+    if count is None and index is None:
+        return None
+    given = f"{NUM_PROCESSES_ENV}={count!r}, {PROCESS_ID_ENV}={index!r}"
+    if count is None or index is None:
+        raise ValueError(f"{given}: set both (launch/local.py does) or neither.")
+    try:
+        count, index = int(count), int(index)
+    except ValueError:
+        raise ValueError(f"{given}: both must be integers.") from None
+    if not 0 <= index < count:
+        raise ValueError(f"{given}: need 0 <= process id < process count.")
+    if not env.get("JAX_COORDINATOR_ADDRESS"):
+        raise ValueError(f"{given} but JAX_COORDINATOR_ADDRESS is not set (host:port of "
+                         "process 0).")
+    return count, index
+
+
 def maybe_initialize_distributed(mode: str = "auto") -> bool:
     """Calls `jax.distributed.initialize()` when launched as one of several processes.
 
     mode: 'auto' (initialize when the environment says there are several processes),
-    'yes' or 'no'. Detection: JAX_COORDINATOR_ADDRESS (launch/slurm_gpu.py sets it, with
+    'yes' or 'no'. Detection: LLAVA_JAX_NUM_PROCESSES / LLAVA_JAX_PROCESS_ID with
+    JAX_COORDINATOR_ADDRESS (launch/local.py: processes on one machine; passed explicitly, JAX's
+    cluster detection is skipped), JAX_COORDINATOR_ADDRESS (launch/slurm_gpu.py sets it, with
     JAX_LOCAL_DEVICE_IDS so each per-node process keeps all its GPUs), SLURM_NTASKS > 1, or a
     multi-worker Cloud TPU slice (TPU_WORKER_HOSTNAMES lists several hosts). Must run before any
     other JAX call. Returns whether it initialized.
@@ -223,14 +255,20 @@ def maybe_initialize_distributed(mode: str = "auto") -> bool:
         raise ValueError(f"distributed={mode!r}: use 'auto', 'yes' or 'no'.")
     if mode == "no":
         return False
+    env = os.environ
+    launched = launcher_processes(env)
     if mode == "auto":
-        env = os.environ
-        multi = (bool(env.get("JAX_COORDINATOR_ADDRESS"))
+        multi = (launched is not None
+                 or bool(env.get("JAX_COORDINATOR_ADDRESS"))
                  or int(env.get("SLURM_NTASKS", "1") or 1) > 1
                  or len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1)
         if not multi:
             return False
-    jax.distributed.initialize()
+    if launched is not None:
+        jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"], num_processes=launched[0],
+                                   process_id=launched[1], cluster_detection_method="deactivate")
+    else:
+        jax.distributed.initialize()
     logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
                  jax.process_index(), jax.process_count(), jax.local_device_count(),
                  jax.device_count())

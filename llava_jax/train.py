@@ -19,7 +19,13 @@ from ml_collections import config_flags
 
 from llava_jax import sharding
 from llava_jax.evaluation import evaluate_demo
-from llava_jax.training.trainer import EXIT_PREEMPTED, NonFiniteLossError, Preempted, Trainer
+from llava_jax.training.trainer import (
+    EXIT_PREEMPTED,
+    CheckpointRestoreError,
+    NonFiniteLossError,
+    Preempted,
+    Trainer,
+)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file[:preset].",
                                           lock_config=True)
@@ -76,9 +82,22 @@ def main(argv):
     except Preempted as e:
         logging.warning("%s", e)
         sys.exit(EXIT_PREEMPTED)
-    except NonFiniteLossError as e:
+    except (NonFiniteLossError, CheckpointRestoreError) as e:  # raised on every process alike
         logging.error("%s", e)
         sys.exit(f"error: {e}")
+    except (Exception, KeyboardInterrupt):
+        if not (jax.distributed.is_initialized() and jax.process_count() > 1):
+            raise
+        # One process failing on its own: the others wait in a collective, so the exit barrier
+        # jax.distributed runs at interpreter exit would hold this process for minutes. Exit now,
+        # so the launcher (launch/local.py) or scheduler (srun --kill-on-bad-exit) sees the
+        # failure and stops the job.
+        logging.exception("process %d of %d failed; exiting at once", jax.process_index(),
+                          jax.process_count())
+        logging.flush()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,9 @@ def default_config(stage: int = 2) -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"  # master weights (and optimizer state)
     c.model.remat_policy = "full"  # models.config.REMAT_POLICIES
     c.model.scan_layers = True  # lax.scan over layers (one compiled layer)
+    # Decoder attention kernel: 'auto' (splash on TPU, cudnn on NVIDIA GPUs, xla / chunked on
+    # CPU) | 'xla' | 'chunked' | 'cudnn' | 'splash' (models.config.ATTENTION_IMPLEMENTATIONS)
+    c.model.attention = "auto"
 
     c.data = default_data_config(stage)
     c.data.packing = False  # one sample per row: a step holds exactly global_batch_size samples
@@ -71,6 +74,9 @@ def default_config(stage: int = 2) -> ml_collections.ConfigDict:
     c.checkpoint.every_steps = 1000  # save every N steps (and always at the end / on SIGTERM)
     c.checkpoint.max_to_keep = 2  # finished checkpoints kept
     c.checkpoint.async_save = True  # write in the background while training goes on
+    # Newest checkpoint does not restore on resume: 'fallback' (warn, use the newest older step
+    # that does, move the bad one aside to <step>.corrupt-<time>) | 'fail' (stop, name it).
+    c.checkpoint.on_corrupt = "fallback"
 
     c.log = ml_collections.ConfigDict()
     c.log.every_steps = 10  # console + TensorBoard interval
@@ -127,6 +133,9 @@ def validate_config(c) -> None:
     if c.checkpoint.every_steps < 1 or c.checkpoint.max_to_keep < 1:
         config_error("checkpoint.every_steps", c.checkpoint.every_steps,
               "every_steps and max_to_keep must be >= 1")
+    if c.checkpoint.on_corrupt not in ("fallback", "fail"):
+        config_error("checkpoint.on_corrupt", c.checkpoint.on_corrupt, "use 'fallback' (resume "
+                     "from the newest checkpoint that restores) or 'fail'")
     if c.log.every_steps < 1:
         config_error("log.every_steps", c.log.every_steps, "must be >= 1")
     if c.loss_chunk_size < 0:

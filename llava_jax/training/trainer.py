@@ -9,15 +9,19 @@ Workdir layout (what `checkpoint.load_pretrained(WORKDIR)` and `llava_jax.conver
 
     WORKDIR/llava_config.json, tokenizer/, train_config.json
     WORKDIR/checkpoints/<step>/{params, opt_state, data, meta}   orbax CheckpointManager
+    WORKDIR/checkpoints/<step>.corrupt-<time>/                    a step that did not restore
     WORKDIR/projector/mm_projector.safetensors                   stage 1: original key names
     WORKDIR/tensorboard/                                          event files
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
+import re
 import signal
+import sys
 import threading
 import time
 
@@ -47,6 +51,10 @@ class NonFiniteLossError(RuntimeError):
 
 class Preempted(RuntimeError):
     pass
+
+
+class CheckpointRestoreError(RuntimeError):
+    """Resuming failed: the newest checkpoint does not restore (on_corrupt='fail') or none does."""
 
 
 class Trainer:
@@ -111,6 +119,117 @@ class Trainer:
         self.opt_state = restored["opt_state"]
         self.step = int(restored["meta"]["step"])
 
+    # ----- resume, surviving a corrupt checkpoint -----
+    def _resume(self, manager, iterator) -> int | None:
+        """Restores the newest checkpoint that restores on every process; its step, or None.
+
+        None only when there is no checkpoint at all (a fresh start). A step that does not
+        restore is logged (step, path, error) and, with checkpoint.on_corrupt='fallback', the
+        next older one is tried; once one restores, the bad ones are moved aside. 'fail', or
+        no step restoring, raises CheckpointRestoreError: checkpoints that exist are never
+        silently replaced by a fresh start.
+        """
+        steps = _agreed_steps(manager.all_steps())
+        if not steps:
+            return None
+        directory = str(manager.directory)
+        _warn_unfinished_saves(directory)
+        reader = self._restore_manager()
+        failed = []  # (step, path, one-line error), newest first
+        try:
+            for step in steps:
+                path = os.path.join(directory, str(step))  # orbax's default step name
+                error = _agree_on_error(self._try_restore(reader, step, iterator))
+                if error is None:
+                    break
+                failed.append((step, path, error))
+                if self.config.checkpoint.on_corrupt == "fail":
+                    raise CheckpointRestoreError(
+                        f"checkpoint step {step} ({path}) does not restore: {error}. To resume "
+                        f"from the step before it, move or delete {path}, or set "
+                        "--config.checkpoint.on_corrupt=fallback (moves it aside to "
+                        f"{step}.corrupt-<time> and resumes from the newest step that restores).")
+                logging.warning("checkpoint step %d (%s) does not restore: %s; %s", step, path,
+                                error, f"trying step {steps[len(failed)]}" if len(failed) <
+                                len(steps) else "no older step to try")
+            else:
+                tried = "; ".join(f"step {step} ({path}): {error}" for step, path, error in failed)
+                raise CheckpointRestoreError(
+                    f"no checkpoint in {directory} restores (tried steps "
+                    f"{', '.join(str(s) for s, _, _ in failed)}, newest first): {tried}. Not "
+                    "starting from scratch over existing checkpoints: repair or remove them, or "
+                    "use a new --workdir.")
+        finally:
+            reader.close()
+        if failed:
+            self._move_aside(manager, failed)
+            logging.warning("resumed from step %d, the newest checkpoint that restores (%s "
+                            "did not)", self.step, ", ".join(str(s) for s, _, _ in failed))
+        return self.step
+
+    def _restore_manager(self) -> ocp.CheckpointManager:
+        """A manager that only restores, with this process as its only participant.
+
+        orbax's restore ends in a barrier of all processes, which a process whose restore
+        raised never reaches: the others would wait there while it moved on to the next
+        collective. Restoring as a group of one skips that barrier (each process reads its own
+        shards either way); the processes then agree explicitly (_agree_on_error).
+        """
+        me = jax.process_index()
+        options = ocp.CheckpointManagerOptions(
+            create=False, enable_async_checkpointing=False,
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                primary_host=me, active_processes={me}))
+        return ocp.CheckpointManager(os.path.join(self.workdir, ckpt.CHECKPOINTS_DIR),
+                                     options=options)
+
+    def _try_restore(self, reader, step: int, iterator) -> str | None:
+        """Restores `step` on this process: None, or why not in one line.
+
+        Any exception counts as a bad checkpoint (truncated, missing or garbage files raise
+        ValueError, KeyError, JSONDecodeError or tensorstore's bare Exception). Treating a
+        transient error as corruption costs a fallback to an older step (the moved-aside
+        files stay), never a fresh start or a deleted checkpoint.
+        """
+        previous_hook = sys.unraisablehook
+        sys.unraisablehook = _drop_orbax_read_errors(previous_hook)
+        try:
+            self._restore(reader, step, iterator)
+        except Exception as e:  # noqa: BLE001 -- see the docstring
+            return _one_line(e)
+        finally:
+            # orbax's abandoned read coroutines each print a tensorstore spec dump when they
+            # are finalized; finalize them now, while the hook above drops those reports.
+            gc.collect()
+            sys.unraisablehook = previous_hook
+        if self.step != step:
+            return f"meta/metadata records step {self.step}, not {step}"
+        return None
+
+    def _move_aside(self, manager, failed) -> None:
+        """Renames steps that did not restore to <step>.corrupt-<time>, keeping their files.
+
+        Left in place, orbax would keep listing them: latest_step() would pick them again,
+        max_to_keep would count them and delete good older steps first, and saving that step
+        number again would raise StepAlreadyExistsError. The new name matches none of orbax's
+        step patterns (nor checkpoint.params_directory's), so it is ignored from now on.
+        """
+        if jax.process_index() == 0:  # shared storage: one process renames (as orbax does)
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            for step, path, _ in failed:
+                if not os.path.isdir(path):  # removed by hand since it was listed
+                    continue
+                target, n = f"{path}.corrupt-{stamp}", 1
+                while os.path.exists(target):
+                    n += 1
+                    target = f"{path}.corrupt-{stamp}-{n}"
+                os.rename(path, target)
+                logging.warning("moved checkpoint step %d aside: %s -> %s (kept for inspection; "
+                                "delete it when done)", step, path, target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("llava_jax: corrupt checkpoints moved aside")
+        manager.reload()
+
     def _write_model_files(self) -> None:
         if jax.process_index() != 0:
             return
@@ -131,22 +250,35 @@ class Trainer:
             shard_index=jax.process_index(), shard_count=jax.process_count(),
             pad_id=self.tokenizer.pad_token_id)
 
-    def _next_batch(self, iterator):
+    def _next_batch(self, iterator, preempted=None):
         """grad_accum_steps micro-batches, padded to one length, stacked: host numpy [accum, ...].
 
-        Returns None when the data are exhausted (a partial step is dropped).
+        Returns None when the data are exhausted (a partial step is dropped). With several
+        processes, the shapes, running out of data (shards yield different numbers of batches)
+        and SIGTERM (`preempted["flag"]`, this process's) are agreed in one all-gather, so all
+        processes stop at the same step and none waits in a collective the others never join:
+        `preempted["agreed"]` becomes True when any process was signalled.
         """
         micro = []
         for _ in range(self.config.optim.grad_accum_steps):
             try:
                 micro.append(next(iterator))
             except StopIteration:
-                return None
-        length = max(m["input_ids"].shape[1] for m in micro)
+                break
+        exhausted = len(micro) < self.config.optim.grad_accum_steps
+        if jax.process_count() == 1 and exhausted:
+            return None
+        length = max((m["input_ids"].shape[1] for m in micro), default=0)
         has_images = any(bool(m["image_mask"].any()) for m in micro)
         if jax.process_count() > 1:  # all processes must build the same global shapes
-            agreed = multihost_utils.process_allgather(np.array([length, has_images], np.int64))
+            signalled = bool(preempted is not None and preempted["flag"])
+            agreed = multihost_utils.process_allgather(
+                np.array([length, has_images, exhausted, signalled], np.int64))
             length, has_images = int(agreed[:, 0].max()), bool(agreed[:, 1].any())
+            if preempted is not None:
+                preempted["agreed"] = preempted["agreed"] or bool(agreed[:, 3].any())
+            if agreed[:, 2].any():
+                return None
         pad_values = {"input_ids": self.tokenizer.pad_token_id, "labels": IGNORE_INDEX,
                       "segment_ids": 0, "positions": 0}
         batch = {}
@@ -169,14 +301,15 @@ class Trainer:
         self._write_model_files()
         manager = self._manager()
         iterator = self._dataset()
-        latest = manager.latest_step()
+        latest = self._resume(manager, iterator)
         if latest is not None:
-            self._restore(manager, latest, iterator)
             logging.info("resumed from %s at step %d", manager.directory, self.step)
         else:
             self._fresh_state()
         stop_at = self.total_steps if c.max_steps < 0 else min(c.max_steps, self.total_steps)
-        preempted = {"flag": False}
+        # flag: this process got SIGTERM; agreed: some process did (several processes: only
+        # the agreed value, from _next_batch's all-gather, stops the loop, at the same step).
+        preempted = {"flag": False, "agreed": False}
         previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.update(flag=True)) \
             if _main_thread() else None
         reporter = metrics_lib.ProgressReporter(
@@ -190,11 +323,11 @@ class Trainer:
         loss, stopped, history, lagged = float("nan"), "completed", [], None
         try:
             while self.step < stop_at:
-                if preempted["flag"]:
+                if preempted["flag" if jax.process_count() == 1 else "agreed"]:
                     stopped = "preempted"
                     break
                 started = time.perf_counter()
-                host_batch = self._next_batch(iterator)
+                host_batch = self._next_batch(iterator, preempted)
                 if host_batch is None:
                     stopped = "data exhausted"
                     break
@@ -236,9 +369,14 @@ class Trainer:
             reporter.close()
             if previous_handler is not None:
                 signal.signal(signal.SIGTERM, previous_handler)
-        if c.stage == 1 and jax.process_index() == 0:
-            write_projector(optim.merge_params(self.trainable, self.frozen), self.model_config,
-                            os.path.join(self.workdir, "projector"))
+        if c.stage == 1:
+            projector = {"multi_modal_projector": optim.merge_params(
+                self.trainable, self.frozen)["multi_modal_projector"]}
+            if jax.process_count() > 1:  # shards on other processes: gather (all processes)
+                projector = multihost_utils.process_allgather(projector, tiled=True)
+            if jax.process_index() == 0:
+                write_projector(projector, self.model_config,
+                                os.path.join(self.workdir, "projector"))
         logging.info("stage %d: %s at step %d/%d (checkpoint in %s)", c.stage, stopped,
                      self.step, self.total_steps, self.workdir)
         if stopped == "preempted":
@@ -253,6 +391,65 @@ def _check_finite(values: dict, step: int, last_saved: int | None) -> None:
             f"loss={float(values['loss'])}, grad_norm={float(values['grad_norm'])} at step {step}"
             f": stopping. The update was skipped; the last checkpoint (step {last_saved}) is "
             "intact. Lower optim.learning_rate or check the data.")
+
+
+def _agreed_steps(steps) -> list[int]:
+    """Process 0's checkpoint steps, newest first: every process tries the same ones in order."""
+    steps = sorted((int(s) for s in steps), reverse=True)
+    if jax.process_count() == 1:
+        return steps
+    count = int(multihost_utils.broadcast_one_to_all(np.int64(len(steps))))
+    padded = np.full(count, -1, np.int64)  # same shape on every process; only 0's values count
+    padded[:min(count, len(steps))] = steps[:count]
+    return [int(s) for s in multihost_utils.broadcast_one_to_all(padded)]
+
+
+def _agree_on_error(error: str | None) -> str | None:
+    """None if the step restored on every process, else why not (as seen from this process)."""
+    if jax.process_count() == 1:
+        return error
+    restored = np.asarray(multihost_utils.process_allgather(np.int32(error is None))).reshape(-1)
+    failed = [i for i, ok in enumerate(restored) if not ok]
+    if not failed:
+        return None
+    where = f"on process{'es' if len(failed) > 1 else ''} {', '.join(map(str, failed))}"
+    return f"{where}: {error}" if error is not None else f"{where} (their logs have the error)"
+
+
+_SPEC_DUMP = re.compile(r"\s*See full TensorStore details:.*", re.DOTALL)
+_SOURCE_LOCATIONS = re.compile(r"\s*\[source locations='[^']*'\]")
+
+
+def _one_line(error: BaseException, limit: int = 400) -> str:
+    """`Type: message` of an exception and its causes, on one line, without spec dumps."""
+    parts, seen = [], set()
+    while error is not None and id(error) not in seen and len(parts) < 4:
+        seen.add(id(error))
+        text = _SOURCE_LOCATIONS.sub("", _SPEC_DUMP.sub("", str(error)))
+        text = " ".join(text.split())
+        text = text if len(text) <= limit else text[:limit] + "..."
+        parts.append(f"{type(error).__name__}: {text}" if text else type(error).__name__)
+        error = error.__cause__ if error.__cause__ is not None else \
+            (None if error.__suppress_context__ else error.__context__)
+    return " <- ".join(parts)
+
+
+def _drop_orbax_read_errors(previous_hook):
+    """An unraisablehook that drops errors of orbax's coroutines and passes on the rest."""
+    def hook(unraisable):
+        code = getattr(unraisable.object, "cr_code", None)
+        if code is None or "orbax" not in code.co_filename:
+            previous_hook(unraisable)
+    return hook
+
+
+def _warn_unfinished_saves(directory: str) -> None:
+    """Names saves that never finished (orbax ignores them, and leaves them on disk)."""
+    unfinished = sorted(name for name in os.listdir(directory) if ".orbax-checkpoint-tmp" in name)
+    if unfinished and jax.process_index() == 0:
+        logging.warning("%s: unfinished save(s) %s (the run was killed while writing them) are "
+                        "ignored; delete them to free the disk space.", directory,
+                        ", ".join(unfinished))
 
 
 def _main_thread() -> bool:  # signal handlers can only be installed there
