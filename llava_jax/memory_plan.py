@@ -61,7 +61,8 @@ def _model_config(config):
         sys.exit(f"config.model.base_dir={config.model.base_dir!r} is not here: pass --preset.")
     return model_config.replace(
         dtype=config.model.dtype, param_dtype=config.model.param_dtype,
-        remat_policy=config.model.remat_policy, scan_layers=config.model.scan_layers)
+        remat_policy=config.model.remat_policy, scan_layers=config.model.scan_layers,
+        attention=config.model.attention)
 
 
 def _devices_and_capacities() -> tuple[list, list[tuple[str, int]]]:

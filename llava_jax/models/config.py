@@ -17,6 +17,8 @@ PROJECTOR_TYPES_HELP = "'linear', 'identity' or 'mlp{N}x_gelu' (e.g. 'mlp2x_gelu
 SELECT_STRATEGIES = ("patch", "cls_patch")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 DTYPES = ("float32", "bfloat16", "float16")
+# Decoder attention kernels (models/attention.py); a runtime choice, not part of the weights.
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "chunked", "cudnn", "splash")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +92,9 @@ class LlavaConfig:
     dtype: str = "float32"  # activations / matmul inputs
     scan_layers: bool = True  # lax.scan over stacked layers (fast compile) vs an unrolled loop
     remat_policy: str = "none"
+    # Decoder attention: 'auto' (splash on TPU, cudnn on NVIDIA GPUs, xla / chunked on CPU),
+    # 'xla' (reference), 'chunked' (memory-efficient, any backend), 'cudnn', 'splash'.
+    attention: str = "auto"
 
     def __post_init__(self):
         validate(self)
@@ -212,6 +217,9 @@ def validate(config: LlavaConfig) -> None:
             raise ValueError(f"{name}={getattr(config, name)!r}; use one of {DTYPES}.")
     if config.remat_policy not in REMAT_POLICIES:
         raise ValueError(f"remat_policy={config.remat_policy!r}; use one of {REMAT_POLICIES}.")
+    if config.attention not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(
+            f"attention={config.attention!r}; use one of {ATTENTION_IMPLEMENTATIONS}.")
     if config.image_aspect not in ("pad", "square"):
         raise ValueError(f"image_aspect={config.image_aspect!r}; use 'pad' or 'square'.")
 

@@ -4,6 +4,8 @@ Attention masking is expressed with two per-token integer arrays:
   segment_ids [batch, seq]: tokens attend only within their own segment; 0 marks padding
     (a padding mask is segment ids of 0/1; packed rows use 1..k).
   positions   [batch, seq]: rotary positions, restarting at 0 for every packed sample.
+They reach the attention kernels as an `AttentionMask` (segment ids + slots, no [q, kv]
+matrix); `LlavaConfig.attention` picks the kernel (models/attention.py).
 The KV cache is a plain pytree (`init_cache`), updated functionally, so prefill and decode
 are ordinary jitted functions.
 """
@@ -14,11 +16,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from llava_jax.models.attention import AttentionMask, dot_product_attention
 from llava_jax.models.config import TextConfig
 from llava_jax.models.layers import Dense, RMSNorm, run_stacked, stacked
 
 Array = jax.Array
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: fully masked rows stay NaN-free
 
 
 def rotary_tables(positions: Array, head_dim: int, theta: float,
@@ -41,18 +43,12 @@ def apply_rotary(x: Array, cos: Array, sin: Array) -> Array:
     return out.astype(x.dtype)
 
 
-def attention_mask(q_segments: Array, kv_segments: Array, q_slots: Array, kv_slots: Array) -> Array:
-    """Boolean [batch, 1, q, kv]: causal (by slot), same segment, key not padding."""
-    causal = q_slots[:, :, None] >= kv_slots[:, None, :]
-    same = q_segments[:, :, None] == kv_segments[:, None, :]
-    valid = (kv_segments != 0)[:, None, :]
-    return (causal & same & valid)[:, None]
-
-
 class LlamaAttention(nnx.Module):
-    """Grouped-query attention with rotary embeddings."""
+    """Grouped-query attention with rotary embeddings; `attention` names the kernel
+    (models/attention.py: 'auto', 'xla', 'chunked', 'cudnn', 'splash')."""
 
-    def __init__(self, config: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, config: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs,
+                 attention: str = "auto"):
         head_dim = config.resolved_head_dim
         kw = dict(use_bias=config.attention_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.q_proj = Dense(config.hidden_size, config.num_heads * head_dim, **kw)
@@ -62,10 +58,12 @@ class LlamaAttention(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = (
             config.num_heads, config.num_kv_heads, head_dim)
         self.dtype = dtype
+        self.attention = attention
 
-    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array, cache=None,
+    def __call__(self, x: Array, cos: Array, sin: Array, mask: AttentionMask, cache=None,
                  cache_index=None):
-        """x [b, s, d]; mask [b, 1, s, kv_len]; cache {'k','v': [b, kv_heads, max_len, hd]}.
+        """x [b, s, d]; mask over s queries x kv_len keys (kv_len = s, or the cache's
+        max_len); cache {'k','v': [b, kv_heads, max_len, hd]}.
 
         Returns (out [b, s, d], new cache or None). With a cache the new keys/values are
         written at `cache_index` and attention runs over the whole (masked) cache. Keys and
@@ -84,14 +82,7 @@ class LlamaAttention(nnx.Module):
             v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
             cache = {"k": k, "v": v}
             k, v = k.astype(self.dtype), v.astype(self.dtype)
-        groups = self.num_heads // self.num_kv_heads
-        # Query head h * groups + g shares key/value head h.
-        q = q.reshape(batch, seq, self.num_kv_heads, groups, self.head_dim)
-        logits = jnp.einsum("bqhgd,bhkd->bhgqk", q, k, preferred_element_type=jnp.float32)
-        logits = logits * self.head_dim**-0.5
-        logits = jnp.where(mask[:, :, None], logits, MASK_VALUE)  # [b, 1, 1, q, k] broadcast
-        probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bhgqk,bhkd->bqhgd", probs, v, preferred_element_type=jnp.float32)
+        out = dot_product_attention(q, k, v, mask, self.attention)  # [b, s, heads, hd]
         out = out.astype(self.dtype).reshape(batch, seq, self.num_heads * self.head_dim)
         return self.o_proj(out), cache
 
@@ -110,10 +101,12 @@ class LlamaMLP(nnx.Module):
 
 
 class LlamaDecoderLayer(nnx.Module):
-    def __init__(self, config: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, config: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs,
+                 attention: str = "auto"):
         norm = dict(eps=config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
         self.input_layernorm = RMSNorm(config.hidden_size, **norm)
-        self.self_attn = LlamaAttention(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.self_attn = LlamaAttention(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                                        attention=attention)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, **norm)
         self.mlp = LlamaMLP(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
@@ -127,12 +120,13 @@ class LlamaModel(nnx.Module):
     """Token embeddings -> decoder layers -> final norm -> LM head."""
 
     def __init__(self, config: TextConfig, *, dtype, param_dtype, scan_layers: bool,
-                 remat_policy: str, rngs: nnx.Rngs):
+                 remat_policy: str, rngs: nnx.Rngs, attention: str = "auto"):
         self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dtype,
                                       param_dtype=param_dtype, rngs=rngs,
                                       embedding_init=nnx.initializers.normal(stddev=0.02))
         self.layers = stacked(
-            lambda r: LlamaDecoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=r),
+            lambda r: LlamaDecoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=r,
+                                        attention=attention),
             config.num_layers, rngs)
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype,
                             param_dtype=param_dtype)
@@ -177,17 +171,12 @@ class LlamaModel(nnx.Module):
         config = self.config
         cos, sin = rotary_tables(positions, config.resolved_head_dim, config.rope_theta,
                                  config.rope_scaling_factor)
-        batch, seq = segment_ids.shape
-        q_slots = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
         if cache is None:
-            mask = attention_mask(segment_ids, segment_ids, q_slots, q_slots)
+            mask = AttentionMask.for_sequence(segment_ids)
         else:
-            q_slots = q_slots + cache_index
             kv_segments = jax.lax.dynamic_update_slice(
                 cache["segment_ids"], segment_ids.astype(jnp.int32), (0, cache_index))
-            kv_slots = jnp.broadcast_to(
-                jnp.arange(kv_segments.shape[1], dtype=jnp.int32), kv_segments.shape)
-            mask = attention_mask(segment_ids, kv_segments, q_slots, kv_slots)
+            mask = AttentionMask.for_cache(segment_ids, kv_segments, cache_index)
 
         if layers is None:
             def body(layer, h, layer_cache):

@@ -29,7 +29,8 @@ class LlavaModel(nnx.Module):
         self.multi_modal_projector = Projector(config, rngs=rngs)
         self.language_model = LlamaModel(
             config.text, dtype=jnp_dtype(config.dtype), param_dtype=jnp_dtype(config.param_dtype),
-            scan_layers=config.scan_layers, remat_policy=config.remat_policy, rngs=rngs)
+            scan_layers=config.scan_layers, remat_policy=config.remat_policy,
+            attention=config.attention, rngs=rngs)
 
     def image_features(self, pixel_values: Array) -> Array:
         """pixels [b, images, H, W, 3] -> projected features [b, images * tokens, hidden]."""

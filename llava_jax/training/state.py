@@ -132,7 +132,8 @@ def load_tokenizer(c):
 def resolve_model_config(c, tokenizer) -> LlavaConfig:
     """The architecture (from base_dir or preset + overrides) with the config's compute knobs."""
     knobs = dict(dtype=c.model.dtype, param_dtype=c.model.param_dtype,
-                 remat_policy=c.model.remat_policy, scan_layers=c.model.scan_layers)
+                 remat_policy=c.model.remat_policy, scan_layers=c.model.scan_layers,
+                 attention=c.model.attention)
     if c.model.base_dir:
         return ckpt.read_config(c.model.base_dir).replace(**knobs)
     overrides = c.model.overrides.to_dict()
