@@ -29,6 +29,7 @@ from ml_collections import config_flags
 
 from llava_jax import checkpoint as ckpt
 from llava_jax import sharding
+from llava_jax.models.attention import select_implementation
 from llava_jax.models.config import get_preset
 from llava_jax.training.config import check_mesh_fits
 from llava_jax.training.memory_plan import GIB, plan, tpu_target
@@ -142,7 +143,10 @@ def main(argv):
             "device_memory_bytes": first_capacity,
             "fits": fits[first_label],
             "fits_by_capacity": fits,
-            "attention": getattr(model_config, "attention", "xla"),
+            # What the decoder's attention resolves to on the target (training length).
+            "attention": select_implementation(
+                model_config.attention, result["platform"], seq_len,
+                getattr(devices[0], "device_kind", "")),
             "params_bytes": result["trainable_params"] + result["frozen_params"],
             "optimizer_bytes": result["optimizer_state"],
             "temporaries_bytes": result["temporaries"],

@@ -70,6 +70,7 @@ def test_memory_plan_compiles_with_the_tpu_compiler_for_a_slice(tmp_path):
                 "flops_per_device"):
         assert key in plan, key
     assert plan["platform"] == "tpu" and plan["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert plan["attention"] == "splash"  # what auto picks on TPU
     assert plan["fits"] is True and plan["device_memory_bytes"] == 95 * 2**30
     assert 0 < plan["params_bytes"] < plan["peak_bytes_per_device"]
 

@@ -112,10 +112,11 @@ def plan(config, model_config, mesh, *, rows: int, seq_len: int, images_per_row:
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=setup.batch_sharding)
              for k, v in batch.items()}
     start = time.perf_counter()
-    compiled = setup.train_step.lower(
-        with_shardings(setup.abstract_trainable, setup.trainable_shardings),
-        with_shardings(setup.abstract_frozen, setup.frozen_shardings),
-        with_shardings(setup.abstract_opt, setup.opt_shardings), batch).compile()
+    with jax.set_mesh(mesh):  # as the trainer traces it (splash attention needs the mesh)
+        compiled = setup.train_step.lower(
+            with_shardings(setup.abstract_trainable, setup.trainable_shardings),
+            with_shardings(setup.abstract_frozen, setup.frozen_shardings),
+            with_shardings(setup.abstract_opt, setup.opt_shardings), batch).compile()
     compile_seconds = time.perf_counter() - start
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()

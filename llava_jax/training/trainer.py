@@ -333,8 +333,11 @@ class Trainer:
                     break
                 device_batch = sharding.global_batch(host_batch, self.mesh)
                 data_wait = time.perf_counter() - started
-                self.trainable, self.opt_state, step_metrics = self.setup.train_step(
-                    self.trainable, self.frozen, self.opt_state, device_batch)
+                # Traced with the mesh in context: kernels that must run in shard_map (splash
+                # attention on a multi-chip TPU) find it there (models/attention.py).
+                with jax.set_mesh(self.mesh):
+                    self.trainable, self.opt_state, step_metrics = self.setup.train_step(
+                        self.trainable, self.frozen, self.opt_state, device_batch)
                 self.step += 1
                 window.add(host_batch, data_wait)
                 due_save = self.step % c.checkpoint.every_steps == 0 or self.step == stop_at
