@@ -44,6 +44,14 @@ DEFAULT_PARAM_RULES = (
     (r"mlp/(gate|up)_proj/kernel$|layers/fc1/kernel$", "embed,mlp"),
     (r"mlp/down_proj/kernel$|layers/fc2/kernel$", "mlp,embed"),
     (r"layers/fc1/bias$", "mlp"),
+    # Projector layers alternate column / row parallel like up_proj / down_proj: linear_1, 3, ..
+    # [in, out] -> (fsdp, tensor); linear_2, 4, .. -> (tensor, fsdp). Not (fsdp, tensor) for
+    # all: linear_2's backward dh = dy @ kernel.T (dy and dh column-sharded over 'tensor', the
+    # kernel's rows over 'fsdp') is miscompiled by XLA's SPMD partitioner when data > 1 and
+    # fsdp == tensor > 1, e.g. 2x2x2 (row blocks of two devices swapped; jax 0.10.2, GSPMD and
+    # Shardy): wrong gradients for linear_1 and the vision tower, right loss. This layout also
+    # moves ~2x less data. tests/test_sharding.py compares every gradient on 8 devices with 1.
+    (r"multi_modal_projector/linear_\d*[02468]/kernel$", "mlp,embed"),
     (r"multi_modal_projector/linear_\d+/kernel$", "embed,mlp"),
     (r"patch_embedding$", "_,_,_,embed"),  # [kh, kw, channels, d]
     (r"position_embedding$", "_,embed"),
