@@ -105,7 +105,8 @@ EIGHT_DEVICES = textwrap.dedent("""
 """)
 
 
-def test_eight_fake_devices_match_one(tmp_path):
+def _demo_data_and_eight_devices(tmp_path):
+    """The first 40 stage-2 demo records (paths for the subprocess) and its 8-device env."""
     from llava_jax.data import demo
 
     prepared = demo.prepare()
@@ -116,6 +117,11 @@ def test_eight_fake_devices_match_one(tmp_path):
             "tokenizer_dir": prepared["tokenizer_dir"]}
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
                JAX_PLATFORMS="cpu")
+    return data, env
+
+
+def test_eight_fake_devices_match_one(tmp_path):
+    data, env = _demo_data_and_eight_devices(tmp_path)
     done = subprocess.run([sys.executable, "-c", EIGHT_DEVICES, json.dumps(data), str(tmp_path)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -218,16 +224,7 @@ ALL_GRADIENT_MESHES = ((2, 2, 2), (1, 4, 2), (2, 1, 4), (2, 4, 1))
 
 
 def test_eight_fake_devices_give_every_gradient_of_one(tmp_path):
-    from llava_jax.data import demo
-
-    prepared = demo.prepare()
-    records = json.load(open(prepared["stage2_json"]))[:40]
-    data_json = tmp_path / "stage2.json"
-    data_json.write_text(json.dumps(records))
-    data = {"stage2_json": str(data_json), "image_root": prepared["image_root"],
-            "tokenizer_dir": prepared["tokenizer_dir"]}
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu")
+    data, env = _demo_data_and_eight_devices(tmp_path)
     done = subprocess.run(
         [sys.executable, "-c", ALL_GRADIENTS, json.dumps(data), str(tmp_path),
          json.dumps(ALL_GRADIENT_MESHES)],
