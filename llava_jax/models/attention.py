@@ -94,13 +94,8 @@ class AttentionMask:
                    kv_slots, False)
 
     def dense(self) -> Array:
-        """Boolean [b, 1, q_len, kv_len]."""
-        return attention_mask(self.q_segments, self.kv_segments, self.q_slots, self.kv_slots)
-
-
-def attention_mask(q_segments: Array, kv_segments: Array, q_slots: Array, kv_slots: Array) -> Array:
-    """Boolean [batch, 1, q, kv]: causal (by slot), same segment, key not padding."""
-    return _allowed(q_segments, kv_segments, q_slots, kv_slots)[:, None]
+        """Boolean [b, 1, q_len, kv_len]: causal (by slot), same segment, key not padding."""
+        return _allowed(self.q_segments, self.kv_segments, self.q_slots, self.kv_slots)[:, None]
 
 
 def _allowed(q_segments, kv_segments, q_slots, kv_slots) -> Array:
@@ -153,7 +148,10 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: AttentionMask,
     device_kind = getattr(jax.devices()[0], "device_kind", "")
     choice = select_implementation(implementation, backend, q.shape[1], device_kind)
     local = _fallback_name(q.shape[1]) if choice == "splash" and backend != "tpu" else choice
-    staged = backend != "tpu" and implementation in ("auto", "splash")
+    # Attention against a KV cache is never splash (splash_attention falls back for it), so
+    # there is no TPU branch to stage: tracing one would only log that fallback off TPU.
+    staged = (backend != "tpu" and implementation in ("auto", "splash")
+              and mask.self_attention)
     if implementation in ("auto", "splash") and local in ("xla", "chunked"):
         summary = f"xla below {SHORT_QUERIES} queries, chunked from there"
     else:
