@@ -18,7 +18,7 @@ from flax import nnx
 
 from llava_jax.models.attention import AttentionMask, dot_product_attention
 from llava_jax.models.config import TextConfig
-from llava_jax.models.layers import Dense, RMSNorm, run_stacked, stacked
+from llava_jax.models.layers import Dense, RMSNorm, matmul, run_stacked, stacked
 
 Array = jax.Array
 
@@ -146,9 +146,9 @@ class LlamaModel(nnx.Module):
         """[b, s, d] final-normed hidden -> float32 logits [b, s, vocab]."""
         if self.lm_head is None:
             table = self.embed_tokens.embedding[...].astype(self.dtype)
-            return jnp.einsum("bsd,vd->bsv", hidden, table, preferred_element_type=jnp.float32)
+            return matmul("bsd,vd->bsv", hidden, table)
         kernel = self.lm_head.kernel[...].astype(self.dtype)
-        return jnp.einsum("bsd,dv->bsv", hidden, kernel, preferred_element_type=jnp.float32)
+        return matmul("bsd,dv->bsv", hidden, kernel)
 
     def __call__(self, embeds: Array, positions: Array, segment_ids: Array, *, cache=None,
                  cache_index=None, return_hidden: bool = False, layers=None):
