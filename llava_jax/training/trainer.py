@@ -392,8 +392,8 @@ def _check_finite(values: dict, step: int, last_saved: int | None) -> None:
     if not values["finite"]:
         raise NonFiniteLossError(
             f"loss={float(values['loss'])}, grad_norm={float(values['grad_norm'])} at step {step}"
-            f": stopping. The update was skipped; the last checkpoint (step {last_saved}) is "
-            "intact. Lower optim.learning_rate or check the data.")
+            f": stopping before anything of this step is saved; the last checkpoint (step "
+            f"{last_saved}) is intact. Lower optim.learning_rate or check the data.")
 
 
 def _agreed_steps(steps) -> list[int]:
