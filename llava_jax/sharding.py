@@ -13,8 +13,14 @@ e.g. 'language_model/layers/mlp/up_proj/kernel' [layers, embed, mlp] -> (None, '
   fsdp    data parallelism with parameters, gradients and optimizer state sharded (ZeRO-3)
   tensor  Megatron-style tensor parallelism over heads / MLP width / vocabulary
 
-Batches are split over (data, fsdp). Activations are left to XLA's sharding propagation
-(axis types Auto): the params' and batch's shardings determine the collectives.
+Batches are split over (data, fsdp). Activations are constrained at the points that decide
+the collectives (`activation_rules`: logical activation axis -> mesh axes, applied by
+`llava_jax.models.partitioning.constrain` while the train step is traced, training/step.py):
+rows over (data, fsdp) everywhere; heads, MLP width and vocabulary over tensor; the residual
+stream [batch, seq, embed] split by rows only (embed and seq whole), so FSDP all-gathers
+weights, never activations, and tensor parallelism is Megatron's (one all-reduce after o_proj
+/ down_proj).
+Between the constraints the mesh's Auto axes leave XLA's sharding propagation free.
 """
 
 from __future__ import annotations
@@ -64,10 +70,38 @@ DEFAULT_LOGICAL_AXIS_RULES = (
     ("heads", "tensor"),
     ("mlp", "tensor"),
 )
+# Activations: logical axis (llava_jax.models.partitioning) -> mesh axes ('' = replicated; a
+# name without a rule is replicated). Not ("activation_embed", "fsdp"): parameters are sharded
+# over fsdp on their embed dim, activations never are (that would gather rows or weights at
+# every matmul). Sequence positions and head_dim stay whole.
+DEFAULT_ACTIVATION_RULES = (
+    ("activation_batch", BATCH_AXES),
+    ("activation_length", ""),
+    ("activation_embed", ""),
+    ("activation_heads", "tensor"),
+    ("activation_kv_heads", "tensor"),
+    ("activation_head_dim", ""),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
+)
 
 
 class MeshConfigError(ValueError):
     pass
+
+
+def check_activation_rules(rules, field: str = "mesh.activation_rules") -> None:
+    """Every rule maps a name to mesh axes of MESH_AXES ('' / a name / a tuple of names)."""
+    for rule in rules:
+        if len(rule) != 2 or not isinstance(rule[0], str):
+            raise MeshConfigError(f"{field}: {rule!r} is not a (logical axis, mesh axes) pair.")
+        axes = rule[1]
+        names = ([a.strip() for a in axes.split(",") if a.strip()] if isinstance(axes, str)
+                 else list(axes or ()))
+        unknown = [a for a in names if a not in MESH_AXES]
+        if unknown:
+            raise MeshConfigError(f"{field} maps {rule[0]!r} to unknown mesh axes {unknown}; "
+                                  f"use names of {MESH_AXES} ('' = replicated).")
 
 
 # ----- mesh -----

@@ -27,7 +27,7 @@ def test_memory_plan_prints_every_line_and_checks_each_capacity():
     out = run.stdout
     assert "stage 2, 2 CPU devices, mesh {'data': 1, 'fsdp': 2, 'tensor': 1}, 1 rows x 64" in out
     for name in ("trainable_params", "frozen_params", "optimizer_state", "temporaries",
-                 "peak_estimate", "model FLOPs/step"):
+                 "peak_estimate", "model FLOPs/step", "collectives/step   all-gather"):
         assert name in out, name
     assert "80 GB device: fits (90 % usable)" in out
     assert "0.000001 GB device: does NOT fit" in out
@@ -67,8 +67,11 @@ def test_memory_plan_compiles_with_the_tpu_compiler_for_a_slice(tmp_path):
     plan = json.loads(out.read_text())
     for key in ("peak_bytes_per_device", "device_memory_bytes", "fits", "attention",
                 "params_bytes", "optimizer_bytes", "temporaries_bytes", "compile_seconds",
-                "flops_per_device"):
+                "flops_per_device", "collectives"):
         assert key in plan, key
+    # FSDP over 4 chips: weights gathered, gradients reduced (hlo_stats.py).
+    assert plan["collectives"]["all-gather"] > 0
+    assert plan["collectives"]["reduce-scatter"] + plan["collectives"]["all-reduce"] > 0
     assert plan["platform"] == "tpu" and plan["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
     assert plan["attention"] == "splash"  # what auto picks on TPU
     assert plan["fits"] is True and plan["device_memory_bytes"] == 95 * 2**30

@@ -14,6 +14,7 @@ from flax import nnx
 
 from llava_jax.models.config import LlavaConfig, VisionConfig, jnp_dtype
 from llava_jax.models.layers import Dense, LayerNorm, quick_gelu, run_stacked, stacked
+from llava_jax.models.partitioning import BATCH, HEAD_DIM, HEADS, LENGTH, MLP, RESIDUAL, constrain
 
 Array = jax.Array
 
@@ -35,12 +36,15 @@ class CLIPAttention(nnx.Module):
     def __call__(self, x: Array) -> Array:
         """x: [batch, tokens, width] -> [batch, tokens, width]."""
         batch, tokens, _ = x.shape
-        split = lambda t: t.reshape(batch, tokens, self.num_heads, self.head_dim)
+        # Heads over 'tensor' (the decoder's Megatron layout, models/llama.py).
+        heads = (BATCH, LENGTH, HEADS, HEAD_DIM)
+        split = lambda t: constrain(t.reshape(batch, tokens, self.num_heads, self.head_dim), heads)
         q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
         probs = jax.nn.softmax(logits * self.head_dim**-0.5, axis=-1).astype(self.dtype)
         out = jnp.einsum("bhqk,bkhd->bqhd", probs, v, preferred_element_type=jnp.float32)
-        return self.out_proj(out.astype(self.dtype).reshape(batch, tokens, -1))
+        out = constrain(out.astype(self.dtype), heads).reshape(batch, tokens, -1)
+        return constrain(self.out_proj(out), RESIDUAL)
 
 
 class CLIPEncoderLayer(nnx.Module):
@@ -56,8 +60,10 @@ class CLIPEncoderLayer(nnx.Module):
         self.fc2 = Dense(config.intermediate_size, config.hidden_size, **dense)
 
     def __call__(self, x: Array) -> Array:
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.fc2(quick_gelu(self.fc1(self.layer_norm2(x))))
+        """x [n, tokens, width] -> [n, tokens, width]."""
+        x = constrain(x + self.self_attn(self.layer_norm1(x)), RESIDUAL)
+        hidden = constrain(self.fc1(self.layer_norm2(x)), (BATCH, LENGTH, MLP))
+        return constrain(x + self.fc2(quick_gelu(hidden)), RESIDUAL)
 
 
 class CLIPVisionTower(nnx.Module):
@@ -109,7 +115,7 @@ class CLIPVisionTower(nnx.Module):
                        preferred_element_type=jnp.float32)
         cls = jnp.broadcast_to(self.class_embedding[...].astype(jnp.float32), (n, 1, x.shape[-1]))
         x = jnp.concatenate([cls, x], axis=1) + self.position_embedding[...].astype(jnp.float32)
-        return self.pre_layernorm(x.astype(self.dtype))
+        return constrain(self.pre_layernorm(x.astype(self.dtype)), RESIDUAL)
 
     def __call__(self, pixel_values: Array) -> Array:
         """pixels [n, H, W, 3] -> selected features [n, tokens, width * len(feature_layers)].

@@ -19,6 +19,8 @@ from flax import nnx
 from llava_jax.models.attention import AttentionMask, dot_product_attention
 from llava_jax.models.config import TextConfig
 from llava_jax.models.layers import Dense, RMSNorm, matmul, run_stacked, stacked
+from llava_jax.models.partitioning import (BATCH, HEAD_DIM, HEADS, KV_HEADS, LENGTH, MLP,
+                                           RESIDUAL, VOCAB, constrain)
 
 Array = jax.Array
 
@@ -82,9 +84,16 @@ class LlamaAttention(nnx.Module):
             v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
             cache = {"k": k, "v": v}
             k, v = k.astype(self.dtype), v.astype(self.dtype)
+        # Megatron layout: each tensor shard holds whole heads (q/k/v_proj column-parallel),
+        # so attention itself needs no communication.
+        q = constrain(q, (BATCH, LENGTH, HEADS, HEAD_DIM))
+        k = constrain(k, (BATCH, KV_HEADS, LENGTH, HEAD_DIM))
+        v = constrain(v, (BATCH, KV_HEADS, LENGTH, HEAD_DIM))
         out = dot_product_attention(q, k, v, mask, self.attention)  # [b, s, heads, hd]
-        out = out.astype(self.dtype).reshape(batch, seq, self.num_heads * self.head_dim)
-        return self.o_proj(out), cache
+        out = constrain(out.astype(self.dtype), (BATCH, LENGTH, HEADS, HEAD_DIM))
+        out = out.reshape(batch, seq, self.num_heads * self.head_dim)
+        # o_proj is row-parallel: its partial sums meet in one all-reduce over 'tensor'.
+        return constrain(self.o_proj(out), RESIDUAL), cache
 
 
 class LlamaMLP(nnx.Module):
@@ -97,7 +106,10 @@ class LlamaMLP(nnx.Module):
         self.down_proj = Dense(config.intermediate_size, config.hidden_size, **kw)
 
     def __call__(self, x: Array) -> Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        """x [b, s, d] -> [b, s, d]; the [b, s, intermediate] hidden is split over 'tensor'."""
+        gate = constrain(self.gate_proj(x), (BATCH, LENGTH, MLP))
+        up = constrain(self.up_proj(x), (BATCH, LENGTH, MLP))
+        return constrain(self.down_proj(jax.nn.silu(gate) * up), RESIDUAL)
 
 
 class LlamaDecoderLayer(nnx.Module):
@@ -112,8 +124,8 @@ class LlamaDecoderLayer(nnx.Module):
 
     def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
         attn, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_index)
-        x = x + attn
-        return x + self.mlp(self.post_attention_layernorm(x)), cache
+        x = constrain(x + attn, RESIDUAL)
+        return constrain(x + self.mlp(self.post_attention_layernorm(x)), RESIDUAL), cache
 
 
 class LlamaModel(nnx.Module):
@@ -140,15 +152,23 @@ class LlamaModel(nnx.Module):
 
     def embed(self, input_ids: Array) -> Array:
         """[b, s] int -> [b, s, d] in the compute dtype."""
-        return self.embed_tokens(input_ids).astype(self.dtype)
+        return constrain(self.embed_tokens(input_ids).astype(self.dtype), RESIDUAL)
 
     def logits(self, hidden: Array) -> Array:
-        """[b, s, d] final-normed hidden -> float32 logits [b, s, vocab]."""
+        """[b, s, d] final-normed hidden -> float32 logits [b, s, vocab].
+
+        Rows stay split over the batch axes and the vocabulary over 'tensor' (the LM head is
+        column-parallel): left alone, XLA may instead contract over the fsdp-sharded embed
+        dim and all-reduce whole-batch float32 logits.
+        """
+        hidden = constrain(hidden, RESIDUAL)
         if self.lm_head is None:
             table = self.embed_tokens.embedding[...].astype(self.dtype)
-            return matmul("bsd,vd->bsv", hidden, table)
-        kernel = self.lm_head.kernel[...].astype(self.dtype)
-        return matmul("bsd,dv->bsv", hidden, kernel)
+            logits = matmul("bsd,vd->bsv", hidden, table)
+        else:
+            kernel = self.lm_head.kernel[...].astype(self.dtype)
+            logits = matmul("bsd,dv->bsv", hidden, kernel)
+        return constrain(logits, (BATCH, LENGTH, VOCAB))
 
     def __call__(self, embeds: Array, positions: Array, segment_ids: Array, *, cache=None,
                  cache_index=None, return_hidden: bool = False, layers=None):
@@ -192,7 +212,7 @@ class LlamaModel(nnx.Module):
                 hidden, layer_cache = layer(hidden, cos, sin, mask, layer_cache, cache_index)
                 layer_caches.append(layer_cache)
             new_cache = {"layers": layer_caches}
-        hidden = self.norm(hidden)
+        hidden = constrain(self.norm(hidden), RESIDUAL)  # also the loss's input
         out = hidden if return_hidden else self.logits(hidden)
         if cache is None:
             return out

@@ -17,6 +17,7 @@ from flax import nnx
 from llava_jax.models.clip import CLIPVisionTower
 from llava_jax.models.config import LlavaConfig, jnp_dtype
 from llava_jax.models.llama import LlamaModel
+from llava_jax.models.partitioning import RESIDUAL, constrain
 from llava_jax.models.projector import Projector
 
 Array = jax.Array
@@ -37,7 +38,8 @@ class LlavaModel(nnx.Module):
         batch, num_images = pixel_values.shape[:2]
         features = self.vision_tower(pixel_values.reshape(-1, *pixel_values.shape[2:]))
         features = self.multi_modal_projector(features)
-        return features.reshape(batch, num_images * features.shape[1], features.shape[-1])
+        features = features.reshape(batch, num_images * features.shape[1], features.shape[-1])
+        return constrain(features, RESIDUAL)
 
     def embed(self, input_ids: Array, pixel_values: Array | None = None,
               image_mask: Array | None = None) -> Array:
@@ -65,7 +67,9 @@ class LlavaModel(nnx.Module):
         is_image = input_ids == self.config.image_token_index
         feature_index = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, features.shape[1] - 1)
         gathered = jnp.take_along_axis(features, feature_index[:, :, None], axis=1)
-        return jnp.where(is_image[:, :, None], gathered.astype(embeds.dtype), embeds)
+        # Rows never mix: the gather and where stay on each row's devices.
+        return constrain(jnp.where(is_image[:, :, None], gathered.astype(embeds.dtype), embeds),
+                         RESIDUAL)
 
     def __call__(self, input_ids: Array, pixel_values: Array | None = None,
                  attention_mask: Array | None = None, *, segment_ids: Array | None = None,

@@ -7,6 +7,7 @@ from flax import nnx
 
 from llava_jax.models.config import LlavaConfig, jnp_dtype
 from llava_jax.models.layers import Dense
+from llava_jax.models.partitioning import BATCH, LENGTH, MLP, RESIDUAL, constrain
 
 
 class Projector(nnx.Module):
@@ -28,9 +29,15 @@ class Projector(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, features: jax.Array) -> jax.Array:
+        """features [n, tokens, in] -> [n, tokens, text_hidden]."""
         x = features.astype(self.dtype)
         for i in range(self.depth):
             if i:
                 x = jax.nn.gelu(x, approximate=False)
             x = getattr(self, f"linear_{i + 1}")(x)
+            # linear_1, 3, .. are column-parallel (outputs over 'tensor'), linear_2, 4, .. row-
+            # parallel (llava_jax.sharding.DEFAULT_PARAM_RULES); the last output is the
+            # decoder's residual layout, whatever the depth.
+            hidden = i % 2 == 0 and i + 1 < self.depth
+            x = constrain(x, (BATCH, LENGTH, MLP) if hidden else RESIDUAL)
         return x

@@ -69,6 +69,8 @@ def default_config(stage: int = 2) -> ml_collections.ConfigDict:
     c.mesh.tensor = 1  # tensor parallelism over heads / MLP / vocab
     c.mesh.param_rules = sharding.DEFAULT_PARAM_RULES  # (path regex, logical axes)
     c.mesh.logical_axis_rules = sharding.DEFAULT_LOGICAL_AXIS_RULES  # (logical, mesh axis)
+    # Activation sharding constraints (logical, mesh axes) while the step is traced; () = none
+    c.mesh.activation_rules = sharding.DEFAULT_ACTIVATION_RULES
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 1000  # save every N steps (and always at the end / on SIGTERM)

@@ -3,7 +3,8 @@
 `plan` compiles the real train step (same shardings, optimizer, remat, loss chunking) with
 `jax.jit(...).lower(abstract args).compile()` for the given mesh and returns, per device:
 parameters (trainable / frozen), optimizer state, the compiler's argument / output / temporary
-buffer sizes, the model FLOPs per step and the compile time. Nothing is allocated.
+buffer sizes, the model FLOPs per step, the compile time and the collective bytes per step
+(training/hlo_stats.py, read from the compiled HLO). Nothing is allocated.
 The command line is `python -m llava_jax.memory_plan` (llava_jax/memory_plan.py).
 
 Two kinds of mesh:
@@ -25,6 +26,7 @@ import numpy as np
 from jax.experimental import topologies
 
 from llava_jax import sharding
+from llava_jax.training import hlo_stats
 from llava_jax.training.metrics import train_step_flops
 from llava_jax.training.state import build_setup, with_shardings
 
@@ -119,6 +121,7 @@ def plan(config, model_config, mesh, *, rows: int, seq_len: int, images_per_row:
             with_shardings(setup.abstract_opt, setup.opt_shardings), batch).compile()
     compile_seconds = time.perf_counter() - start
     memory = compiled.memory_analysis()
+    collectives = hlo_stats.collective_summary(compiled.as_text())
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     model_flops = train_step_flops(
@@ -139,6 +142,10 @@ def plan(config, model_config, mesh, *, rows: int, seq_len: int, images_per_row:
         "xla_flops_per_device": float(cost.get("flops", float("nan"))) if cost else float("nan"),
         "compile_seconds": compile_seconds,
         "platform": mesh.devices.flat[0].platform,
+        # {kind: result bytes per device per step}; loops counted by their trip counts.
+        "collectives": collectives["bytes"],
+        # {kind: bytes each device sends per step}, estimated for ring algorithms.
+        "collectives_wire_bytes": collectives["wire_bytes"],
     }
     # Live at the peak: inputs (donated ones are reused for outputs) + temporaries.
     out["peak_estimate"] = out["arguments"] + out["temporaries"] + out["outputs"] - out["aliased"]

@@ -96,9 +96,12 @@ def build_setup(c, model_config: LlavaConfig, mesh, total_steps: int) -> TrainSe
     abstract_opt = jax.eval_shape(tx.init, abstract_trainable)
     opt_shardings = sharding.state_shardings(abstract_opt, trainable_shardings, mesh)
     batch_sharding = NamedSharding(mesh, P(None, sharding.BATCH_AXES))
+    activation_rules = tuple(c.mesh.activation_rules)
+    sharding.check_activation_rules(activation_rules)
     train_step = jax.jit(
         make_train_step(graphdef, tx, loss_chunk_size=c.loss_chunk_size,
-                        lm_head_target_fraction=c.lm_head_target_fraction),
+                        lm_head_target_fraction=c.lm_head_target_fraction,
+                        activation_rules=activation_rules),
         in_shardings=(trainable_shardings, frozen_shardings, opt_shardings, batch_sharding),
         out_shardings=(trainable_shardings, opt_shardings, NamedSharding(mesh, P())),
         donate_argnums=(0, 2))

@@ -11,17 +11,22 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from llava_jax import tree
+from llava_jax import sharding, tree
 from llava_jax.data.tokenize import IGNORE_INDEX
+from llava_jax.models import partitioning
 from llava_jax.training.loss import shifted_targets, target_loss_sum
 
 
-def make_train_step(graphdef, tx, *, loss_chunk_size: int, lm_head_target_fraction: float = 0.0):
+def make_train_step(graphdef, tx, *, loss_chunk_size: int, lm_head_target_fraction: float = 0.0,
+                    activation_rules=sharding.DEFAULT_ACTIVATION_RULES):
     """(trainable, frozen, opt_state, batch) -> (trainable, opt_state, metrics).
 
     batch leaves are [accum, rows, ...]; pixel_values/image_mask are absent for text-only
     batches (no dummy images through CLIP). The loss is the mean over all target tokens of
     the step, so it does not depend on how the rows are split into micro-batches or devices.
+    activation_rules: (logical activation axis, mesh axes) pairs the model's sharding
+    constraints follow when the step is traced under `jax.set_mesh` (models/partitioning.py);
+    () or None = no constraints. They change placement and collectives, never the numbers.
     """
 
     def micro_loss(trainable, frozen, micro, num_targets):
@@ -38,6 +43,12 @@ def make_train_step(graphdef, tx, *, loss_chunk_size: int, lm_head_target_fracti
     grad_fn = jax.value_and_grad(micro_loss)
 
     def train_step(trainable, frozen, opt_state, batch):
+        # Installed inside the traced function: the rules belong to this jitted step, so no
+        # other trace (generation, a step built with other rules) can pick them up.
+        with partitioning.axis_rules(activation_rules):
+            return constrained_step(trainable, frozen, opt_state, batch)
+
+    def constrained_step(trainable, frozen, opt_state, batch):
         num_targets = jnp.maximum(
             jnp.sum(shifted_targets(batch["labels"]) != IGNORE_INDEX), 1).astype(jnp.float32)
 
