@@ -57,13 +57,18 @@ def make_train_step(graphdef, tx, *, loss_chunk_size: int, lm_head_target_fracti
             loss, grads = grad_fn(trainable, frozen, micro, num_targets)
             return jax.tree.map(lambda x: x.astype(jnp.float32), (loss, grads))
 
-        # The sum starts from the first micro-batch: no zero-filled gradient buffer, and a
-        # one-micro-batch step traces no loop.
-        loss, grads = micro_grads(0)
         accum_steps = jax.tree.leaves(batch)[0].shape[0]
-        if accum_steps > 1:
+        if accum_steps == 1:  # no loop traced
+            loss, grads = micro_grads(0)
+        else:
+            # Every micro-batch inside the loop, the sum starting from zeros: one copy of the
+            # forward / backward in the program. Starting from micro-batch 0 outside the loop
+            # put a second copy beside the loop's, and their temporaries do not share memory:
+            # 7B stage 2 on 8 devices at 8 rows x 2 micro-batches: 37.8 -> 29.2 GiB per device.
+            zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32),
+                                 (jnp.zeros(()), trainable))
             accumulate = lambda i, total: jax.tree.map(jnp.add, total, micro_grads(i))
-            loss, grads = jax.lax.fori_loop(1, accum_steps, accumulate, (loss, grads))
+            loss, grads = jax.lax.fori_loop(0, accum_steps, accumulate, zeros)
         grad_norm = optax.tree.norm(grads)
         updates, new_opt_state = tx.update(grads, opt_state, trainable)
         new_trainable = optax.apply_updates(trainable, updates)
