@@ -5,12 +5,16 @@ from setuptools import find_packages, setup
 # torch is pinned: `pip install torch==2.13.0` takes the CPU build; an unpinned torch pulls
 # a multi-GB CUDA build.
 TORCH = "torch==2.13.0"
+# `python -m llava_jax.serve` (fastapi, uvicorn) and what drives it in `bench serve` and the
+# tests: httpx, the official openai client, selenium for the page in the system's Chromium.
+SERVE = ["fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27", "openai>=1.30", "selenium>=4.20"]
 
 setup(
     name="llava_jax",
     version="0.1.0",
     description="LLaVA vision-language models in JAX/Flax: training, conversion, inference.",
     packages=find_packages(include=["llava_jax", "llava_jax.*"]),
+    package_data={"llava_jax.serve": ["static/*"]},  # the web chat page
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.7",
@@ -36,7 +40,9 @@ setup(
             "chex>=0.1.90",
             TORCH,
             "scikit-image>=0.22",
+            *SERVE,
         ],
+        "serve": SERVE,
         "tfds": ["tensorflow-datasets>=4.9.7", "array-record>=0.7"],
         # The TPU runtime and compiler (libtpu, matched to jax by jax's own extra): what a TPU
         # VM installs, and on any machine what `memory_plan --topology=v5p-8` compiles with.

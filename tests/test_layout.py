@@ -23,6 +23,8 @@ ALLOWED = {
     "training": {"tree", "models", "data", "sharding", "checkpoint", "convert.projector"},
     "inference": {"tree", "models", "data"},
     "evaluation": {"tree", "models", "data", "checkpoint", "inference"},
+    # The HTTP server (FastAPI app, request checking, CLI) over inference's engine.
+    "serve": {"tree", "models", "data", "checkpoint", "inference"},
 }
 # Command lines, the benchmarks and the package's lazy entry points may import anything.
 UNRESTRICTED = {"train", "eval", "chat", "memory_plan", "bench", "__init__", "_moved"}

@@ -1,4 +1,4 @@
-"""`python -m llava_jax.bench {data,train,generate,convert} [flags]`: speed and memory.
+"""`python -m llava_jax.bench {data,train,generate,convert,serve} [flags]`: speed and memory.
 
 Each benchmark measures llava_jax against its PyTorch / transformers counterpart in the
 same run (alternating sides, medians, ratios), so numbers from this noisy machine stay
@@ -15,6 +15,7 @@ BENCHMARKS = {
     "train": "llava_jax.bench.train",
     "generate": "llava_jax.bench.generate",
     "convert": "llava_jax.bench.convert",
+    "serve": "llava_jax.bench.serve",  # the server's clients against each other, not PyTorch
 }
 
 
