@@ -34,7 +34,7 @@ from llava_jax import sharding
 from llava_jax.models.attention import select_implementation
 from llava_jax.models.config import get_preset
 from llava_jax.training.config import check_mesh_fits
-from llava_jax.training.memory_plan import GIB, plan, tpu_target
+from llava_jax.training.memory_plan import GIB, DoesNotFit, plan, tpu_target
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file[:preset].",
                                           lock_config=False)
@@ -88,6 +88,39 @@ def _devices_and_capacities() -> tuple[list, list[tuple[str, int]]]:
     return devices, capacities
 
 
+
+def _report_refusal(refused: DoesNotFit, capacities, model_config, devices, seq_len,
+                    rows_per_device, mesh, gib) -> None:
+    """The compiler would not build the step for this memory: print and record why."""
+    for name, size in refused.state_bytes.items():
+        print(f"  {name:<18} {gib(size)}  per device")
+    if refused.temporaries:
+        print(f"  temporaries        {gib(refused.temporaries)}  per device (compiler's count)")
+    print(f"  does NOT fit: the compiler refused the step: {refused.message}")
+    if not _JSON.value:
+        return
+    label, capacity = capacities[0]
+    state = sum(refused.state_bytes.values())
+    record = {
+        # A lower bound: the compiler stopped before laying out every buffer.
+        "peak_bytes_per_device": state + refused.temporaries,
+        "device_memory_bytes": capacity, "fits": False,
+        "fits_by_capacity": {label: False},
+        "attention": select_implementation(model_config.attention, devices[0].platform, seq_len,
+                                           getattr(devices[0], "device_kind", "")),
+        "params_bytes": refused.state_bytes["trainable_params"] +
+                        refused.state_bytes["frozen_params"],
+        "optimizer_bytes": refused.state_bytes["optimizer_state"],
+        "temporaries_bytes": refused.temporaries, "compile_seconds": refused.compile_seconds,
+        "flops_per_device": None, "rows_per_device": rows_per_device, "seq_len": seq_len,
+        "target": _TOPOLOGY.value or f"{len(devices)}x cpu", "mesh": dict(mesh.shape),
+        "compiler_error": refused.message, **refused.state_bytes,
+    }
+    with open(_JSON.value, "w", encoding="utf-8") as handle:
+        json.dump(record, handle, indent=2)
+    print(f"plan: {_JSON.value}")
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -128,9 +161,14 @@ def main(argv):
           f"micro-batch, {config.optim.grad_accum_steps} micro-batches, remat="
           f"{config.model.remat_policy}, {config.model.param_dtype} params / "
           f"{config.model.dtype} compute, loss_chunk_size={config.loss_chunk_size}", flush=True)
-    result = plan(config, model_config, mesh, rows=rows_per_device * data_parallel,
-                  seq_len=seq_len, images_per_row=_IMAGES.value)
     gib = lambda b: f"{b / GIB:8.2f} GiB"
+    try:
+        result = plan(config, model_config, mesh, rows=rows_per_device * data_parallel,
+                      seq_len=seq_len, images_per_row=_IMAGES.value)
+    except DoesNotFit as refused:
+        _report_refusal(refused, capacities, model_config, devices, seq_len, rows_per_device,
+                        mesh, gib)
+        return
     for name in ("trainable_params", "frozen_params", "optimizer_state", "arguments", "outputs",
                  "aliased", "temporaries", "peak_estimate"):
         print(f"  {name:<18} {gib(result[name])}  per device")

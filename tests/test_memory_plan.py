@@ -82,3 +82,20 @@ def test_memory_plan_rejects_an_unknown_topology():
     run = _memory_plan("--preset=tiny", "--topology=v9-8")
     assert run.returncode != 0
     assert "unknown TPU topology 'v9-8'" in run.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="the TPU compiler (pip install -e '.[tpu]') is not installed")
+def test_a_step_the_tpu_compiler_refuses_is_a_plan_that_does_not_fit(tmp_path):
+    # The TPU compiler fails outright when a program's buffers exceed HBM: that is an answer
+    # (does not fit, with the compiler's numbers), not a traceback.
+    out = tmp_path / "plan.json"
+    run = _memory_plan("--preset=tiny", "--topology=v5litepod-8", "--rows_per_device=4096",
+                       "--seq_len=2048", f"--json={out}")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "does NOT fit: the compiler refused the step: RESOURCE_EXHAUSTED" in run.stdout
+    assert "Traceback" not in run.stderr
+    plan = json.loads(out.read_text())
+    assert plan["fits"] is False and plan["device_memory_bytes"] == 16 * 2**30
+    assert plan["temporaries_bytes"] > 16 * 2**30  # the compiler's count, parsed
+    assert plan["peak_bytes_per_device"] >= plan["temporaries_bytes"] + plan["optimizer_bytes"]

@@ -96,6 +96,25 @@ def tpu_target(name: str) -> TpuTarget:
     return TpuTarget(name, f"{prefix}:{grid}", chips, hbm_gib * GIB)
 
 
+class DoesNotFit(RuntimeError):
+    """The compiler itself refused the step: its buffers exceed the device's memory.
+
+    message: the compiler's one-line reason; state_bytes: the parameter and optimizer bytes
+    per device (known without compiling); temporaries: the temporaries the compiler said it
+    needed, in bytes (0 when the message does not say).
+    """
+
+    def __init__(self, message: str, state_bytes: dict, compile_seconds: float):
+        line = next((l for l in message.splitlines() if "RESOURCE_EXHAUSTED" in l), message)
+        self.message = line[line.index("RESOURCE_EXHAUSTED"):].strip()
+        super().__init__(self.message)
+        self.state_bytes = state_bytes
+        self.compile_seconds = compile_seconds
+        found = re.search(r"temporaries \(([\d.]+)([KMGT])\)", self.message)
+        self.temporaries = (int(float(found.group(1)) * 1024 ** "KMGT".index(found.group(2)) * 1024)
+                            if found else 0)
+
+
 def plan(config, model_config, mesh, *, rows: int, seq_len: int, images_per_row: int) -> dict:
     """Compiles the step for abstract inputs; returns sizes in bytes and FLOPs per device.
 
@@ -114,11 +133,24 @@ def plan(config, model_config, mesh, *, rows: int, seq_len: int, images_per_row:
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=setup.batch_sharding)
              for k, v in batch.items()}
     start = time.perf_counter()
-    with jax.set_mesh(mesh):  # as the trainer traces it (splash attention needs the mesh)
-        compiled = setup.train_step.lower(
-            with_shardings(setup.abstract_trainable, setup.trainable_shardings),
-            with_shardings(setup.abstract_frozen, setup.frozen_shardings),
-            with_shardings(setup.abstract_opt, setup.opt_shardings), batch).compile()
+    state_bytes = {
+        "trainable_params": sharding.bytes_per_device(setup.abstract_trainable,
+                                                      setup.trainable_shardings),
+        "frozen_params": sharding.bytes_per_device(setup.abstract_frozen,
+                                                   setup.frozen_shardings),
+        "optimizer_state": sharding.bytes_per_device(setup.abstract_opt, setup.opt_shardings),
+    }
+    try:
+        with jax.set_mesh(mesh):  # as the trainer traces it (splash attention needs the mesh)
+            compiled = setup.train_step.lower(
+                with_shardings(setup.abstract_trainable, setup.trainable_shardings),
+                with_shardings(setup.abstract_frozen, setup.frozen_shardings),
+                with_shardings(setup.abstract_opt, setup.opt_shardings), batch).compile()
+    except jax.errors.JaxRuntimeError as error:
+        # The TPU compiler refuses a program whose buffers exceed the chip's HBM.
+        if "RESOURCE_EXHAUSTED" not in str(error):
+            raise
+        raise DoesNotFit(str(error), state_bytes, time.perf_counter() - start) from None
     compile_seconds = time.perf_counter() - start
     memory = compiled.memory_analysis()
     collectives = hlo_stats.collective_summary(compiled.as_text())
@@ -129,11 +161,7 @@ def plan(config, model_config, mesh, *, rows: int, seq_len: int, images_per_row:
         train_projector=setup.trains_projector, train_llm=setup.trains_llm,
         with_images=bool(images_per_row))
     out = {
-        "trainable_params": sharding.bytes_per_device(setup.abstract_trainable,
-                                                      setup.trainable_shardings),
-        "frozen_params": sharding.bytes_per_device(setup.abstract_frozen,
-                                                   setup.frozen_shardings),
-        "optimizer_state": sharding.bytes_per_device(setup.abstract_opt, setup.opt_shardings),
+        **state_bytes,
         "arguments": memory.argument_size_in_bytes,
         "outputs": memory.output_size_in_bytes,
         "aliased": memory.alias_size_in_bytes,
