@@ -40,6 +40,7 @@ setup(
             "chex>=0.1.90",
             TORCH,
             "scikit-image>=0.22",
+            "easy-vqa>=1.0",  # a public shapes VQA set (22 MB): configs/demo.py:easy_vqa
             *SERVE,
         ],
         "serve": SERVE,

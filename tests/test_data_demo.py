@@ -136,3 +136,130 @@ def test_demo_tokenizer_and_no_skips(prepared):
             answers = [t["value"] for t in record["conversations"][1::2]]
             trained = tokenizer.decode(out["labels"][out["labels"] != -100])
             assert all(answer in trained for answer in answers)
+
+
+# ----------------------------------------------------------------------------------------------
+# Multi-round variant (mix665k form)
+
+
+@pytest.fixture(scope="module")
+def multiround(tmp_path_factory):
+    return demo.prepare_multiround(str(tmp_path_factory.mktemp("demo_mr") / "cache"))
+
+
+def test_multiround_is_deterministic_and_leaves_the_single_round_demo_alone(multiround, prepared, tmp_path):
+    again = demo.prepare_multiround(str(tmp_path / "other"))
+    for key in ("stage1_json", "stage2_json", "eval_file"):
+        assert digest(multiround[key]) == digest(again[key])
+        assert digest(multiround[key]) != digest(prepared[key])
+    assert demo.multiround_paths(os.path.dirname(multiround["eval_file"]))["eval_file"] == multiround["eval_file"]
+    # The single-round demo's files are the ones its figures were measured on (data version 6).
+    assert digest(prepared["stage2_json"]).startswith("1029f30fc4c08fb3")
+    assert digest(prepared["eval_file"]).startswith("85a456c8ee3bdd03")
+
+
+def _kind(answer: str) -> str:
+    if answer in ("yes", "no"):
+        return "yesno"
+    return next(kind for kind, values in demo.VALUES.items() if answer in values)
+
+
+def test_multiround_conversations_are_in_mix665k_form(multiround):
+    stage2 = json.load(open(multiround["stage2_json"]))
+    images = [r for r in stage2 if "image" in r]
+    text_only = [r for r in stage2 if "image" not in r]
+    assert len(images) == demo.NUM_MR_IMAGES and 0.02 < len(text_only) / len(stage2) < 0.1
+    assert len({r["image"] for r in images}) == len(images)  # one conversation per image
+    kinds, first = collections.Counter(), collections.Counter()
+    for record in images:
+        turns = record["conversations"]
+        assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2) and len(turns) >= 4
+        assert "<image>" in turns[0]["value"]
+        assert all("<image>" not in t["value"] for t in turns[1:])
+        for index, turn in enumerate(turns[0::2]):
+            text = turn["value"].replace("\n<image>", "")
+            assert text.endswith("\n" + demo.SHORT_ANSWER_PROMPT)
+        answers = [t["value"] for t in turns[1::2]]
+        kinds.update(_kind(a) for a in answers)
+        first[_kind(answers[0])] += 1
+        attributes = [a for a in answers if a not in ("yes", "no")]
+        assert len(attributes) == len({_kind(a) for a in attributes})  # each asked at most once
+    total = sum(kinds.values())
+    assert 0.35 < kinds["yesno"] / total < 0.5  # VQAv2-like share of yes/no
+    assert set(first) == set(demo.MULTIROUND_CATEGORIES)  # order shuffled: no type always first
+    assert any(len(t["value"].split()) > 10 for r in text_only for t in r["conversations"][1::2])
+
+
+def test_multiround_answers_agree_with_the_image(multiround):
+    scene_of = {}
+    for record in json.load(open(multiround["stage2_json"]))[:400]:
+        if "image" not in record:
+            continue
+        shown = _read_off(os.path.join(multiround["image_root"], record["image"]))
+        for question, answer in zip(record["conversations"][0::2], record["conversations"][1::2]):
+            kind = _kind(answer["value"])
+            if kind in ("color", "count") or (kind == "position" and shown["count"] == "one"):
+                assert shown[kind] == answer["value"], record
+            if kind == "yesno" and "color" not in question["value"] and any(
+                    c in question["value"] for c in demo.COLORS):
+                named = next(c for c in demo.COLORS if c in question["value"])
+                assert (named == shown["color"]) == (answer["value"] == "yes"), record
+        scene_of[record["image"]] = shown
+    assert scene_of
+
+
+def test_multiround_eval_is_single_round_and_held_out(multiround):
+    evaluation = [json.loads(line) for line in open(multiround["eval_file"])]
+    categories = collections.Counter(line["category"] for line in evaluation)
+    assert categories == {kind: demo.NUM_MR_EVAL_PER_CATEGORY for kind in demo.MULTIROUND_CATEGORIES}
+    train = {r.get("image") for key in ("stage1_json", "stage2_json")
+             for r in json.load(open(multiround[key]))}
+    assert not train & {line["image"] for line in evaluation}
+    for line in evaluation:
+        assert "<image>" not in line["text"] and line["text"].endswith(demo.SHORT_ANSWER_PROMPT)
+        if line["category"] in ("color", "count", "position"):
+            assert _read_off(os.path.join(multiround["image_root"], line["image"]))[line["category"]] == line["answer"]
+    yes = sum(line["answer"] == "yes" for line in evaluation if line["category"] == "yesno")
+    assert 35 <= yes <= 65
+
+
+def test_multiround_targets_are_exactly_the_answers(multiround):
+    # Every assistant turn's tokens (and the "</s>" closing it) are targets, and nothing else.
+    tokenizer = demo.load_tokenizer(multiround["tokenizer_dir"])
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    for record in json.load(open(multiround["stage2_json"])):
+        out = tokenize_conversation(record["conversations"], tokenizer, "vicuna_v1", 16, image_id, 256)
+        labels, ids = out["labels"], out["input_ids"]
+        expected = []
+        for turn in record["conversations"][1::2]:
+            expected += tokenizer(turn["value"], add_special_tokens=False)["input_ids"]
+            expected.append(tokenizer.eos_token_id)
+        assert labels[labels != -100].tolist() == expected, record["id"]
+        assert (labels[labels != -100] == ids[labels != -100]).all()
+
+
+def test_easy_vqa_conversion(tmp_path):
+    # easy-VQA (pip install easy-vqa) ships its images and questions: data we did not make.
+    pytest.importorskip("easy_vqa")
+    from llava_jax.data import easy_vqa
+
+    info = easy_vqa.prepare(str(tmp_path / "easy_vqa"))
+    data_dir = easy_vqa.package_data_dir()
+    train = json.load(open(os.path.join(data_dir, "train", "questions.json")))
+    labels = easy_vqa.labels_of(train)
+    for text, answer, image in train:  # the derived labels agree with every question
+        kind, label = easy_vqa.category(answer), labels[image]
+        if kind != "yesno":
+            assert label[kind] == answer
+    stage1 = json.load(open(info["stage1_json"]))
+    stage2 = json.load(open(info["stage2_json"]))
+    assert len(stage2) == 4000 and sum(len(r["conversations"]) // 2 for r in stage2) == len(train)
+    assert all(r["conversations"][0]["value"].startswith("<image>\n") for r in stage2)
+    assert all(os.path.isfile(os.path.join(info["image_root"], r["image"])) for r in stage1[:50])
+    for record in stage1[:200]:
+        label = labels[int(record["image"].split("/")[-1][:-4])]
+        assert record["conversations"][1]["value"] == f"a {label['color']} {label['shape']}."
+    evaluation = [json.loads(line) for line in open(info["eval_file"])]
+    assert len(evaluation) == easy_vqa.NUM_EVAL
+    assert all(line["image"].startswith("test/") for line in evaluation)
+    assert {line["category"] for line in evaluation} == {"color", "shape", "yesno"}

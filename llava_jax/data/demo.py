@@ -35,6 +35,10 @@ The tokenizer imitates SentencePiece Llama: Metaspace "▁" word prefix, <unk>=0
 BOS added by the post-processor, and <image>, <pad> as the last two ids. It is built with the
 `tokenizers` library on the demo corpus and the template strings, so the package ships no
 third-party vocabulary.
+
+`prepare_multiround()` writes a second data set beside this one (demo_multiround/): the same
+kind of scenes in llava_v1_5_mix665k.json's form (all questions of an image in one multi-round
+conversation, yes/no questions among them); see the section "Multi-round variant" below.
 """
 
 from __future__ import annotations
@@ -305,26 +309,181 @@ def prepare(cache_dir: str | None = None) -> dict:
     Returns `paths(cache_dir)` and the sample counts (num_stage1, num_stage2, num_eval).
     """
     directory = os.path.abspath(cache_dir or default_cache_dir())
-    marker = os.path.join(directory, "DONE")
-    if not (os.path.isfile(marker) and open(marker).read().strip() == str(VERSION)):
-        parent = os.path.dirname(directory)
-        os.makedirs(parent, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=".demo-", dir=parent)
-        try:
-            counts = _generate(staging)
-            with open(os.path.join(staging, "counts.json"), "w") as handle:
-                json.dump(counts, handle)
-            with open(os.path.join(staging, "DONE"), "w") as handle:
-                handle.write(str(VERSION))
-            if os.path.exists(directory):
-                shutil.rmtree(directory, ignore_errors=True)
-            try:
-                os.replace(staging, directory)
-            except OSError:  # another process finished first
-                if not os.path.isfile(marker):
-                    raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+    _generate_once(directory, VERSION, _generate)
     with open(os.path.join(directory, "counts.json")) as handle:
         counts = json.load(handle)
     return {**paths(directory), **counts}
+
+
+def _generate_once(directory: str, version: int, generate) -> None:
+    """Runs generate(staging_dir) and moves the result to `directory`, unless it is there."""
+    marker = os.path.join(directory, "DONE")
+    if os.path.isfile(marker) and open(marker).read().strip() == str(version):
+        return
+    parent = os.path.dirname(directory)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".demo-", dir=parent)
+    try:
+        counts = generate(staging)
+        with open(os.path.join(staging, "counts.json"), "w") as handle:
+            json.dump(counts, handle)
+        with open(os.path.join(staging, "DONE"), "w") as handle:
+            handle.write(str(version))
+        if os.path.exists(directory):
+            shutil.rmtree(directory, ignore_errors=True)
+        try:
+            os.replace(staging, directory)
+        except OSError:  # another process finished first
+            if not os.path.isfile(marker):
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Multi-round variant (issue 14): the same kind of scenes in llava_v1_5_mix665k.json's form
+#
+#     demo_multiround/stage1.json   captions, as stage1.json above (16000 new images)
+#     demo_multiround/stage2.json   one multi-round conversation per image: every question about
+#                                   it (attribute questions and yes/no questions, shuffled), the
+#                                   short-answer prompt on each, "<image>" in the first human
+#                                   turn only; plus ~5% text-only conversations, some with
+#                                   sentence-long answers (standing in for ShareGPT)
+#     demo_multiround/eval.jsonl    held-out images, one single-round question each, 100 per
+#                                   category: color, shape, count, position, yesno
+#
+# The question mixture is fixed a priori to look like VQAv2's (~40% yes/no) and was not tuned:
+# each attribute question is asked with probability 0.75, plus 1-3 yes/no questions, each about
+# a random attribute and true half of the time. As in real merged VQA data, a yes/no answer can
+# give another round's answer away ("Is the shape red?" "yes" ... "What color is the shape?").
+
+MULTIROUND_VERSION = 1
+MULTIROUND_CATEGORIES = CATEGORIES + ("yesno",)
+NUM_MR_STAGE1, NUM_MR_IMAGES, NUM_MR_TEXT_ONLY, NUM_MR_EVAL_PER_CATEGORY = 16000, 4000, 200, 100
+YES_NO_QUESTIONS = {
+    "color": ("Is there a {} shape in the image?", "Is the shape {}?", "Are the objects {}?"),
+    "shape": ("Is there a {} in the image?", "Does the image contain a {}?"),
+    "count": ("Are there {} shapes?", "Does the image show {} objects?"),
+    "position": ("Is the shape at the {}?", "Is the object at the {} of the image?"),
+}
+VALUES = {"color": tuple(sorted(COLORS)), "shape": SHAPES, "count": COUNT_WORDS,
+          "position": tuple(sorted(POSITIONS))}
+SHAPE_FACTS = {"circle": "no corners and one round edge", "square": "four equal sides and four corners",
+               "triangle": "three sides and three corners", "cross": "two bars that meet in the middle"}
+
+
+def default_multiround_cache_dir() -> str:
+    return os.path.join(cache_root(), "demo_multiround")
+
+
+def multiround_paths(cache_dir: str | None = None) -> dict:
+    """Where `prepare_multiround` puts everything (same keys as `paths`), generating nothing."""
+    return paths(cache_dir or default_multiround_cache_dir())
+
+
+def yes_no_question(rng: random.Random, scene: dict) -> tuple[str, str]:
+    """A yes/no question about one attribute of `scene`, true half of the time."""
+    kind = rng.choice(question_types(scene))
+    truth = rng.random() < 0.5
+    value = scene[kind] if truth else rng.choice([v for v in VALUES[kind] if v != scene[kind]])
+    return rng.choice(YES_NO_QUESTIONS[kind]).format(value), "yes" if truth else "no"
+
+
+def multiround_conversation(rng: random.Random, scene: dict) -> list[dict]:
+    """Every question asked about `scene`, one round each, in random order (at least 2)."""
+    rounds = [(rng.choice(QUESTIONS[kind]), scene[kind])
+              for kind in question_types(scene) if rng.random() < 0.75]
+    rounds += [yes_no_question(rng, scene) for _ in range(rng.randint(1, 3))]
+    if len(rounds) < 2:
+        kind = rng.choice(question_types(scene))
+        rounds.append((rng.choice(QUESTIONS[kind]), scene[kind]))
+    rng.shuffle(rounds)
+    conversation = []
+    for index, (question, answer) in enumerate(rounds):
+        text = f"{question}\n{SHORT_ANSWER_PROMPT}"
+        conversation.append({"from": "human", "value": _first_turn(rng, text) if index == 0 else text})
+        conversation.append({"from": "gpt", "value": answer})
+    return conversation
+
+
+def _text_only_conversation(rng: random.Random, index: int) -> dict:
+    """1-3 rounds without an image: short answers (with the prompt) or a sentence or two."""
+    conversation = []
+    for _ in range(rng.randint(1, 3)):
+        color, shape = rng.choice(sorted(COLORS)), rng.choice(SHAPES)
+        pick = rng.randrange(4)
+        if pick == 0:
+            number = rng.randrange(3)
+            question = f"Which number comes after {COUNT_WORDS[number]}?\n{SHORT_ANSWER_PROMPT}"
+            answer = COUNT_WORDS[number + 1]
+        elif pick == 1:
+            pair = [color, shape] if rng.random() < 0.5 else [shape, color]
+            question = f"Which word is a color: {pair[0]} or {pair[1]}?\n{SHORT_ANSWER_PROMPT}"
+            answer = color
+        elif pick == 2:
+            question = f"Describe a {color} {shape}."
+            answer = (f"A {color} {shape} is a flat {shape} filled with {color}. A {shape} has "
+                      f"{SHAPE_FACTS[shape]}, so you can tell it from the other shapes.")
+        else:
+            question = "Which colors and shapes can a picture show?"
+            answer = (f"It can show {', '.join(sorted(COLORS)[:-1])} or {sorted(COLORS)[-1]} "
+                      f"shapes, and each one is a {', '.join(SHAPES[:-1])} or {SHAPES[-1]}.")
+        conversation += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+    return {"id": f"mr-text-{index:05d}", "conversations": conversation}
+
+
+def _generate_multiround(directory: str) -> dict:
+    rng = random.Random(20261203)
+    image_dir = os.path.join(directory, "images")
+    os.makedirs(image_dir)
+
+    def new_image(prefix: str, index: int, single: bool = False) -> tuple[str, dict]:
+        scene = random_scene(rng, single)
+        name = f"{prefix}_{index:05d}.png"
+        draw_scene(scene).save(os.path.join(image_dir, name), compress_level=1)
+        return name, scene
+
+    stage1 = []
+    for index in range(NUM_MR_STAGE1):
+        name, scene = new_image("s1", index)
+        stage1.append({"id": f"s1-{index:05d}", "image": name, "conversations": [
+            {"from": "human", "value": _first_turn(rng, rng.choice(CAPTION_PROMPTS))},
+            {"from": "gpt", "value": caption(scene)},
+        ]})
+
+    stage2 = []
+    for index in range(NUM_MR_IMAGES):
+        name, scene = new_image("mr", index)
+        stage2.append({"id": f"mr-{index:05d}", "image": name,
+                       "conversations": multiround_conversation(rng, scene)})
+    stage2.extend(_text_only_conversation(rng, index) for index in range(NUM_MR_TEXT_ONLY))
+    rng.shuffle(stage2)
+
+    evaluation = []
+    for index in range(NUM_MR_EVAL_PER_CATEGORY * len(MULTIROUND_CATEGORIES)):
+        kind = MULTIROUND_CATEGORIES[index % len(MULTIROUND_CATEGORIES)]
+        name, scene = new_image("ev", index, single=kind == "position")
+        if kind == "yesno":
+            question, answer = yes_no_question(rng, scene)
+        else:
+            question, answer = rng.choice(QUESTIONS[kind]), scene[kind]
+        evaluation.append({"question_id": index, "image": name, "category": kind,
+                           "text": f"{question}\n{SHORT_ANSWER_PROMPT}", "answer": answer})
+
+    with open(os.path.join(directory, "stage1.json"), "w") as handle:
+        json.dump(stage1, handle)
+    with open(os.path.join(directory, "stage2.json"), "w") as handle:
+        json.dump(stage2, handle)
+    with open(os.path.join(directory, "eval.jsonl"), "w") as handle:
+        handle.writelines(json.dumps(line) + "\n" for line in evaluation)
+    build_tokenizer(_corpus(stage1, stage2, evaluation), os.path.join(directory, "tokenizer"))
+    return {"num_stage1": len(stage1), "num_stage2": len(stage2), "num_eval": len(evaluation)}
+
+
+def prepare_multiround(cache_dir: str | None = None) -> dict:
+    """Generate the multi-round demo data once (atomically); `multiround_paths` + counts."""
+    directory = os.path.abspath(cache_dir or default_multiround_cache_dir())
+    _generate_once(directory, MULTIROUND_VERSION, _generate_multiround)
+    with open(os.path.join(directory, "counts.json")) as handle:
+        counts = json.load(handle)
+    return {**multiround_paths(directory), **counts}

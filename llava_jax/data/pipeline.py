@@ -48,7 +48,7 @@ SKIP_REASONS = (
     "unfaithful_tokenization",
     "too_long",  # truncation would cut an image or leave nothing to train
 )
-BUILTIN_DATA = ("", "demo")  # data.builtin: generated data sets (data/demo.py)
+BUILTIN_DATA = ("", "demo", "demo_multiround", "easy_vqa")  # data.builtin: data/demo.py, easy_vqa.py
 
 
 class DataError(RuntimeError):
@@ -82,7 +82,7 @@ def default_data_config(stage: int = 2) -> ml_collections.ConfigDict:
     config.on_error = "skip"  # "skip": count + log bad samples | "raise"
     config.exif_transpose = True  # apply EXIF orientation (the original did not)
     config.use_index_cache = True  # cache JSON byte-offset indexes under $LLAVA_JAX_CACHE
-    config.builtin = ""  # "demo": the paths point at the built-in demo data; generate on first use
+    config.builtin = ""  # "demo" | "demo_multiround" | "easy_vqa": built-in data, prepared on first use
     return config
 
 

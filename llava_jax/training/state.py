@@ -27,7 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from llava_jax import checkpoint as ckpt
 from llava_jax import sharding
 from llava_jax.convert.projector import read_projector
-from llava_jax.data import IMAGE_TOKEN, demo, num_samples
+from llava_jax.data import IMAGE_TOKEN, demo, easy_vqa, num_samples
 from llava_jax.data import load_tokenizer as load_tokenizer_dir
 from llava_jax.models.config import LlavaConfig, get_preset, jnp_dtype
 from llava_jax.models.llava import LlavaModel, abstract_params
@@ -121,6 +121,10 @@ def prepare_builtin_data(c) -> None:
     """Generates the built-in data the config points at (`data.builtin`), once, on first use."""
     if c.data.builtin == "demo":
         demo.prepare()
+    elif c.data.builtin == "demo_multiround":
+        demo.prepare_multiround()
+    elif c.data.builtin == "easy_vqa":
+        easy_vqa.prepare()
 
 
 def load_tokenizer(c):
