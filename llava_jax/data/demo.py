@@ -174,9 +174,9 @@ def _text_only_sample(rng: random.Random, index: int) -> dict:
     return {"id": f"text-{index:05d}", "conversations": conversations}
 
 
-def _generate(directory: str) -> dict:
-    rng = random.Random(20261122)
-    image_dir = os.path.join(directory, "images")
+def _image_writer(rng: random.Random, image_dir: str):
+    """new_image(prefix, index, single=False) -> (file name, scene): draws a random scene
+    into image_dir (created here)."""
     os.makedirs(image_dir)
 
     def new_image(prefix: str, index: int, single: bool = False) -> tuple[str, dict]:
@@ -185,13 +185,25 @@ def _generate(directory: str) -> dict:
         draw_scene(scene).save(os.path.join(image_dir, name), compress_level=1)
         return name, scene
 
-    stage1 = []
-    for index in range(NUM_STAGE1):
+    return new_image
+
+
+def _caption_samples(rng: random.Random, new_image, count: int) -> list[dict]:
+    """Stage 1: `count` new images, each with a caption prompt and its caption."""
+    samples = []
+    for index in range(count):
         name, scene = new_image("s1", index)
-        stage1.append({"id": f"s1-{index:05d}", "image": name, "conversations": [
+        samples.append({"id": f"s1-{index:05d}", "image": name, "conversations": [
             {"from": "human", "value": _first_turn(rng, rng.choice(CAPTION_PROMPTS))},
             {"from": "gpt", "value": caption(scene)},
         ]})
+    return samples
+
+
+def _generate(directory: str) -> dict:
+    rng = random.Random(20261122)
+    new_image = _image_writer(rng, os.path.join(directory, "images"))
+    stage1 = _caption_samples(rng, new_image, NUM_STAGE1)
 
     stage2 = []
     for index in range(NUM_STAGE2_IMAGES):
@@ -434,22 +446,8 @@ def _text_only_conversation(rng: random.Random, index: int) -> dict:
 
 def _generate_multiround(directory: str) -> dict:
     rng = random.Random(20261203)
-    image_dir = os.path.join(directory, "images")
-    os.makedirs(image_dir)
-
-    def new_image(prefix: str, index: int, single: bool = False) -> tuple[str, dict]:
-        scene = random_scene(rng, single)
-        name = f"{prefix}_{index:05d}.png"
-        draw_scene(scene).save(os.path.join(image_dir, name), compress_level=1)
-        return name, scene
-
-    stage1 = []
-    for index in range(NUM_MR_STAGE1):
-        name, scene = new_image("s1", index)
-        stage1.append({"id": f"s1-{index:05d}", "image": name, "conversations": [
-            {"from": "human", "value": _first_turn(rng, rng.choice(CAPTION_PROMPTS))},
-            {"from": "gpt", "value": caption(scene)},
-        ]})
+    new_image = _image_writer(rng, os.path.join(directory, "images"))
+    stage1 = _caption_samples(rng, new_image, NUM_MR_STAGE1)
 
     stage2 = []
     for index in range(NUM_MR_IMAGES):
