@@ -25,6 +25,22 @@ def llama_tokenizer_path():
     return SHARED_TOKENIZER
 
 
+@pytest.fixture(scope="session")
+def tiny_demo_checkpoint(tmp_path_factory) -> str:
+    """A saved random tiny LLaVA with the demo tokenizer (what chat and serve tests load)."""
+    from llava_jax.checkpoint import save_model
+    from llava_jax.data import demo
+    from llava_jax.models.config import get_preset
+    from llava_jax.models.llava import create_model
+
+    tok = demo.load_tokenizer()
+    config = get_preset("tiny", text={"vocab_size": len(tok)},
+                        image_token_index=tok.convert_tokens_to_ids("<image>"),
+                        pad_token_id=tok.pad_token_id)
+    return str(save_model(create_model(config, seed=1), tmp_path_factory.mktemp("c") / "tiny",
+                          tokenizer=tok))
+
+
 def torch_module_state(tensors: dict, prefix_map: dict[str, str]) -> dict:
     """Canonical names -> names of a specific torch module, as torch tensors."""
     from llava_jax.convert.reference import torch_state

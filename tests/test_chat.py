@@ -17,18 +17,8 @@ QUESTION = "What color is the shape?"
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    from llava_jax.checkpoint import save_model
-    from llava_jax.data import demo
-    from llava_jax.models.config import get_preset
-    from llava_jax.models.llava import create_model
-
-    tok = demo.load_tokenizer()
-    config = get_preset("tiny", text={"vocab_size": len(tok)},
-                        image_token_index=tok.convert_tokens_to_ids("<image>"),
-                        pad_token_id=tok.pad_token_id)
-    return str(save_model(create_model(config, seed=1), tmp_path_factory.mktemp("c") / "tiny",
-                          tokenizer=tok))
+def checkpoint(tiny_demo_checkpoint):
+    return tiny_demo_checkpoint
 
 
 @pytest.fixture(scope="module")
