@@ -9,15 +9,16 @@ Recipe (scripts/v1_5/finetune.sh): projector + LLM (CLIP frozen), lr 2e-5, globa
 workdir, a model dir, or an original mm_projector.bin / .safetensors.
 """
 
+from llava_jax.training import targets
 from llava_jax.training.config import default_config
 
 SIZES = ("7b", "13b")
 
 
 def get_config(arg: str | None = None):
-    size = arg or "7b"
-    if size not in SIZES:
-        raise ValueError(f"configs/finetune.py:{size}: use one of {SIZES}")
+    """arg: SIZE (7b, 13b) or SIZE,TARGET: also the recommended micro-batch rows and
+    accumulation for TARGET (v5p-8, v6e-8, v5litepod-8, 8x80g, 8x40g; training/targets.py)."""
+    size, target = targets.parse_arg(arg, SIZES, "configs/finetune.py")
     config = default_config(stage=2)
     config.model.base_dir = f"models/vicuna-{size}-v1.5-clip336"  # converted LLM + vision tower
     config.model.projector = f"runs/pretrain-{size}"  # stage-1 output
@@ -30,4 +31,6 @@ def get_config(arg: str | None = None):
     config.optim.learning_rate = 2e-5
     config.optim.global_batch_size = 128
     config.checkpoint.every_steps = 500
+    if target:
+        targets.apply_target(config, size, config.stage, target)
     return config

@@ -10,15 +10,16 @@ is initialised at random). Its output WORKDIR (or WORKDIR/projector/mm_projector
 is finetune.py's model.projector.
 """
 
+from llava_jax.training import targets
 from llava_jax.training.config import default_config
 
 SIZES = ("7b", "13b")
 
 
 def get_config(arg: str | None = None):
-    size = arg or "7b"
-    if size not in SIZES:
-        raise ValueError(f"configs/pretrain.py:{size}: use one of {SIZES}")
+    """arg: SIZE (7b, 13b) or SIZE,TARGET: also the recommended micro-batch rows and
+    accumulation for TARGET (v5p-8, v6e-8, v5litepod-8, 8x80g, 8x40g; training/targets.py)."""
+    size, target = targets.parse_arg(arg, SIZES, "configs/pretrain.py")
     config = default_config(stage=1)
     config.model.base_dir = f"models/vicuna-{size}-v1.5-clip336"  # converted LLM + vision tower
     config.data.json_paths = ("data/LLaVA-Pretrain/blip_laion_cc_sbu_558k.json",)
@@ -32,4 +33,6 @@ def get_config(arg: str | None = None):
     config.optim.learning_rate = 1e-3
     config.optim.global_batch_size = 256
     config.checkpoint.every_steps = 500
+    if target:
+        targets.apply_target(config, size, config.stage, target)
     return config
