@@ -156,6 +156,16 @@ def exit_status(code: int) -> int:
     return 128 - code if code < 0 else code
 
 
+def root_cause(failed: list[tuple[int, int]]) -> tuple[int, int]:
+    """The failure to blame among (index, exit code) pairs first seen dead in the same poll.
+
+    A process killed by a signal (negative code: OOM killer, kill -9, a crash) is the cause;
+    the others' error exits are usually its consequence (a collective whose peer vanished
+    fails within milliseconds, often before the next poll). Otherwise the lowest index.
+    """
+    return min(failed, key=lambda item: (item[1] >= 0, item[0]))
+
+
 def say(message: str) -> None:
     print(f"{PREFIX}: {message}", file=sys.stderr, flush=True)
 
@@ -245,11 +255,10 @@ class Job:
             # After a signal from the user the processes are stopping (saving) on their own;
             # only a second signal kills them.
             if first_failure is None and not self.signals_received:
-                for index, process in enumerate(self.processes):
-                    code = process.poll()
-                    if code not in (None, 0):
-                        first_failure = (index, code)
-                        break
+                failed = [(index, code) for index, process in enumerate(self.processes)
+                          if (code := process.poll()) not in (None, 0)]
+                if failed:
+                    first_failure = root_cause(failed)
                 if first_failure is not None and self.running():
                     index, code = first_failure
                     others = ", ".join(f"p{i}" for i in self.running())
@@ -270,7 +279,7 @@ class Job:
         codes = [p.returncode for p in self.processes]
         if first_failure is None:
             failed = [(i, c) for i, c in enumerate(codes) if c != 0]
-            first_failure = failed[0] if failed else None
+            first_failure = root_cause(failed) if failed else None
         if first_failure is None:
             say(f"all {len(codes)} processes exited with code 0")
             return 0

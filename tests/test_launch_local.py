@@ -8,6 +8,7 @@ losses and parameters. A run costs 30-60 s on a 2-core machine (mostly compilati
 failure tests use 1 device per process, which compiles faster.
 """
 
+import importlib.util
 import json
 import os
 import queue
@@ -323,6 +324,17 @@ def _rest(process, lines, output, timeout):
     while (line := lines.get(timeout=10)) is not None:
         output.append(line)
     return "".join(output), elapsed
+
+
+def test_a_signal_death_is_blamed_over_the_error_exits_it_caused(monkeypatch):
+    """Seen dead in the same poll: the killed peer is the cause, not the gloo error it caused."""
+    spec = importlib.util.spec_from_file_location("launch_local", LOCAL)
+    local = importlib.util.module_from_spec(spec)
+    monkeypatch.syspath_prepend(str(REPO / "launch"))  # as `python launch/local.py` has it
+    spec.loader.exec_module(local)
+    assert local.root_cause([(0, 1), (1, -signal.SIGKILL)]) == (1, -signal.SIGKILL)
+    assert local.root_cause([(2, -signal.SIGSEGV), (3, -signal.SIGKILL)]) == (2, -signal.SIGSEGV)
+    assert local.root_cause([(1, 3), (0, 2)]) == (0, 2)
 
 
 def test_killed_process_stops_the_job_quickly(tiny, tmp_path):
