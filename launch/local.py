@@ -250,7 +250,7 @@ class Job:
 
     def run(self) -> int:
         """Wait for all processes; stop the rest when one fails. The launcher's exit status."""
-        first_failure = None
+        first_failure, stopped_others = None, False
         while self.running():
             # After a signal from the user the processes are stopping (saving) on their own;
             # only a second signal kills them.
@@ -260,6 +260,7 @@ class Job:
                 if failed:
                     first_failure = root_cause(failed)
                 if first_failure is not None and self.running():
+                    stopped_others = True
                     index, code = first_failure
                     others = ", ".join(f"p{i}" for i in self.running())
                     say(f"process {index} (pid {self.processes[index].pid}) {describe_exit(code)}"
@@ -288,6 +289,8 @@ class Job:
         if self.signals_received:
             say(f"stopped on request (exit codes {summary})")
         else:
+            if not stopped_others:  # all were gone by the time the failure was seen
+                say(f"process {index} (pid {self.processes[index].pid}) {describe_exit(code)}")
             say(f"FAILED: process {index} {describe_exit(code)} (exit codes {summary})")
         return exit_status(code)
 
