@@ -14,7 +14,8 @@ setup(
     version="0.1.0",
     description="LLaVA vision-language models in JAX/Flax: training, conversion, inference.",
     packages=find_packages(include=["llava_jax", "llava_jax.*"]),
-    package_data={"llava_jax.serve": ["static/*"]},  # the web chat page
+    # The web chat page; the editable datagen prompts (prompts/<kind>/*.txt).
+    package_data={"llava_jax.serve": ["static/*"], "llava_jax.datagen": ["prompts/*/*.txt"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.7",
@@ -30,6 +31,7 @@ setup(
         "numpy>=1.26",
         "pillow>=10.0",
         "tqdm>=4.66",
+        "httpx>=0.27",  # the OpenAI-compatible client of datagen and the LLaVA-Bench judge
         "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
     ],
     extras_require={

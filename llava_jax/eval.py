@@ -12,9 +12,18 @@ Tasks (greedy decoding, conversation template `vicuna_v1` by default, as LLaVA-1
              DIR with coco_pope_{category}.json: accuracy, precision, recall, F1, yes-ratio
   scienceqa  llava_test_CQM-A.json + --problems problems.json + --pid-splits pid_splits.json:
              overall, image and per-group accuracy (the paper's table) in a results JSON
+  llava_bench  LLaVA-Bench questions JSONL {question_id, image, text, category} + --context
+             (captions per image) + --reference answers (or --reference-endpoint to write
+             them): an LLM judge at --judge-endpoint (any OpenAI-compatible server) rates the
+             reference and the model's answer 1-10; relative score = mean(model) /
+             mean(reference) x 100 per category and overall (evaluation/llava_bench.py)
+
+Exit status: 0; 2 for bad arguments or inputs; 1 when llava_bench judge or reference requests
+failed (the results cover the judged questions; run again to judge the rest).
 
 Answers are appended to --output (JSONL) and flushed after every batch; ids already there are
-skipped, so an interrupted run resumes where it stopped. With several JAX processes, process i
+skipped, so an interrupted run resumes where it stopped (llava_bench's judgements and
+generated reference answers too, one line per reply). With several JAX processes, process i
 answers questions i, i+n, i+2n, ... into `<output stem>.<i>-of-<n>.jsonl`; after a barrier,
 process 0 merges the shard files into --output (question-file order) and scores.
 
@@ -36,6 +45,7 @@ from jax.experimental import multihost_utils
 
 from llava_jax.checkpoint import load_pretrained
 from llava_jax.data import ImageDecodeError
+from llava_jax.evaluation import llava_bench
 from llava_jax.evaluation.answers import (
     done_ids,
     merge_shards,
@@ -51,6 +61,7 @@ from llava_jax.evaluation.tasks import (
     load_questions,
     score_task,
 )
+from llava_jax.evaluation.openai_client import add_client_flags, client_from_args
 from llava_jax.sharding import maybe_initialize_distributed
 
 
@@ -79,7 +90,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--problems", help="scienceqa: problems.json")
     parser.add_argument("--pid-splits", help="scienceqa: pid_splits.json")
     parser.add_argument("--split", default="test", help="scienceqa: split of pid_splits.json")
+    parser.add_argument("--context", help="llava_bench: JSONL {image, caption} (the image's "
+                        "description the judge reads)")
+    parser.add_argument("--reference", help="llava_bench: reference answers JSONL {question_id, "
+                        "text} (written there by --reference-endpoint when given; default "
+                        "<output stem>_reference.jsonl)")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
+    add_client_flags(parser, "judge-", what="llava_bench judge",
+                     temperature=llava_bench.JUDGE_TEMPERATURE)
+    add_client_flags(parser, "reference-", what="llava_bench reference-answer LLM "
+                     "(model default: --judge-model)")
     parser.add_argument("--distributed", choices=("auto", "yes", "no"), default="auto",
                         help="jax.distributed.initialize(): auto = when launched as several "
                         "processes (launch/local.py, SLURM, a TPU pod slice)")
@@ -88,7 +108,56 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--data (the question file) is required for --task={args.task}")
     if args.batch_size < 1:
         parser.error("--batch-size must be >= 1")
+    if args.task == "llava_bench":
+        missing = [flag for flag, value in (("--context", args.context),
+                                            ("--judge-endpoint", args.judge_endpoint),
+                                            ("--judge-model", args.judge_model)) if not value]
+        if not args.reference and not args.reference_endpoint:
+            missing.append("--reference or --reference-endpoint")
+        if missing:
+            parser.error(f"--task=llava_bench needs {', '.join(missing)}")
     return args
+
+
+def llava_bench_references(args: argparse.Namespace, questions: list[Question]) -> str:
+    """The reference answers file, after writing the missing ones with --reference-endpoint
+    (process 0 only; the others never read it)."""
+    contexts = llava_bench.read_contexts(args.context)
+    llava_bench.check_contexts(questions, contexts, args.context)
+    path = args.reference or llava_bench.default_reference_path(args.output)
+    if args.reference_endpoint:
+        with client_from_args(args, "reference-", model=args.judge_model) as client:
+            counters = llava_bench.generate_references(questions, contexts, client, path,
+                                                       progress=args.progress)
+        print(f"reference answers: ok {counters.ok}, retried {counters.retried}, failed "
+              f"{counters.failed}, empty {counters.unparsable} -> {path}", flush=True)
+    elif not os.path.exists(path):
+        raise FileNotFoundError(f"reference answers {path} do not exist (give "
+                                "--reference-endpoint to write them).")
+    else:
+        have = llava_bench.read_texts(path)
+        missing = [q.question_id for q in questions if str(q.question_id) not in have]
+        if missing:
+            raise ValueError(f"{len(missing)} questions have no reference answer in {path} "
+                             f"(first: {missing[0]!r}); give --reference-endpoint to write "
+                             "the missing ones.")
+    return path
+
+
+def llava_bench_judge(args: argparse.Namespace, questions: list[Question],
+                      reference_path: str) -> dict[str, Any]:
+    """Judges the answers not judged yet, then scores all of them."""
+    contexts = llava_bench.read_contexts(args.context)
+    answers = {str(r["question_id"]): r for r in read_answers(args.output, questions)}
+    references = llava_bench.read_texts(reference_path)
+    reviews = llava_bench.reviews_path(args.output)
+    with client_from_args(args, "judge-") as client:
+        counters = llava_bench.judge_answers(questions, answers, references, contexts, client,
+                                             reviews, progress=args.progress)
+    result = llava_bench.score(questions, answers, references, reviews)
+    result.update(judge=counters.as_dict(), reference_file=os.path.abspath(reference_path),
+                  judge_model=args.judge_model)
+    return result
 
 
 def run(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -99,12 +168,15 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     questions, data, image_root = load_questions(
         args.task, args.data, image_folder=args.image_folder, short_answer=args.short_answer,
         limit=args.limit)
+    index, count = jax.process_index(), jax.process_count()
+    reference_path = None
+    if args.task == "llava_bench" and index == 0:
+        reference_path = llava_bench_references(args, questions)  # before hours of answering
     pretrained = load_pretrained(args.checkpoint, dtype=args.dtype)
     if pretrained.tokenizer is None:
         raise ValueError(f"{args.checkpoint} has no tokenizer/ folder; it is needed to build "
                          "prompts (save the model with its tokenizer).")
     model_id = args.model_id or os.path.basename(os.path.normpath(args.checkpoint))
-    index, count = jax.process_index(), jax.process_count()
     own_path = shard_path(args.output, index, count)
     make_record = None
     if args.task == "demo":
@@ -124,10 +196,14 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         if index != 0:
             return None
         merge_shards(args.output, count, questions)
-    answers = read_answers(args.output, questions)
-    result = score_task(args.task, answers, questions, data=data, ground_truth=args.ground_truth,
-                        pope_annotations=args.pope_annotations, problems=args.problems,
-                        pid_splits=args.pid_splits, split=args.split)
+    if args.task == "llava_bench":
+        result = llava_bench_judge(args, questions, reference_path)
+    else:
+        answers = read_answers(args.output, questions)
+        result = score_task(args.task, answers, questions, data=data,
+                            ground_truth=args.ground_truth,
+                            pope_annotations=args.pope_annotations, problems=args.problems,
+                            pid_splits=args.pid_splits, split=args.split)
     result.update(task=args.task, checkpoint=os.path.abspath(args.checkpoint),
                   data=os.path.abspath(data), answers_file=os.path.abspath(args.output))
     results_path = args.results or os.path.splitext(args.output)[0] + "_results.json"
@@ -142,11 +218,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     maybe_initialize_distributed(args.distributed)  # before any other JAX call
     try:
-        run(args)
+        result = run(args)
     except (FileNotFoundError, ImageDecodeError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    return 0
+    # llava_bench: failed judge (or reference) requests leave questions unjudged; a rerun
+    # asks for those.
+    return 1 if result and (result.get("num_unjudged") or result.get("num_no_reference")) else 0
 
 
 if __name__ == "__main__":

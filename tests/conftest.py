@@ -53,3 +53,91 @@ def hf_llava_from_model(model):
     from llava_jax.convert.reference import transformers_llava
 
     return transformers_llava(model)
+
+
+class FakeLLM:
+    """A scripted OpenAI-compatible chat-completions endpoint on 127.0.0.1 (http.server in a
+    thread). `behave(body, call)` (call counts from 0 over the whole server) returns what to
+    do with one request:
+
+        ("reply", text[, finish_reason])   200 with a chat.completion (usage included)
+        ("status", code[, headers])        that HTTP status with an OpenAI error body
+        ("sleep", seconds, action)         wait, then do `action` (a timeout when long enough)
+        ("drop",)                          close the connection without answering
+        ("garbage",)                       200 with a body that is not a completion
+
+    `requests` holds (body, headers) of every request received, in arrival order.
+    """
+
+    def __init__(self, behave):
+        import http.server
+        import json
+        import threading
+        import time
+
+        self.behave, self.requests, self.lock = behave, [], threading.Lock()
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with fake.lock:
+                    call = len(fake.requests)
+                    fake.requests.append((body, dict(self.headers)))
+                action = fake.behave(body, call)
+                while action[0] == "sleep":
+                    time.sleep(action[1])
+                    action = action[2]
+                if action[0] == "drop":
+                    self.close_connection = True
+                    return
+                if action[0] == "reply":
+                    text, reason = action[1], (action[2] if len(action) > 2 else "stop")
+                    payload = {"id": "x", "object": "chat.completion", "model": body["model"],
+                               "choices": [{"index": 0, "finish_reason": reason,
+                                            "message": {"role": "assistant", "content": text}}],
+                               "usage": {"prompt_tokens": 10, "completion_tokens": 5,
+                                         "total_tokens": 15}}
+                    status, headers = 200, {}
+                elif action[0] == "status":
+                    payload = {"error": {"message": f"scripted {action[1]}", "type": "x"}}
+                    status, headers = action[1], (action[2] if len(action) > 2 else {})
+                else:
+                    payload, status, headers = {"unexpected": True}, 200, {}
+                data = json.dumps(payload).encode()
+                try:
+                    self.send_response(status)
+                    for key, value in {"Content-Type": "application/json",
+                                       "Content-Length": str(len(data)), **headers}.items():
+                        self.send_header(key, value)
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client timed out and left
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def fake_llm():
+    """fake_llm(behave) -> a running FakeLLM, shut down after the test."""
+    servers = []
+
+    def start(behave):
+        servers.append(FakeLLM(behave))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()

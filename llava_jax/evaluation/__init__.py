@@ -5,6 +5,10 @@
                 score_task, format_result
     answers.py  answers JSONL: resume (done_ids), shards (shard_path, merge_shards),
                 write_answers, read_answers
+    llava_bench.py   LLaVA-Bench: the LLM judge's prompt, score parsing, relative scores,
+                resumable judgements and reference answers (pure Python)
+    openai_client.py the OpenAI-compatible client (concurrency, retries, budgets) of every
+                LLM-judged task, and of llava_jax.datagen (pure Python + httpx)
 
 `python -m llava_jax.eval` (llava_jax/eval.py) is the command line over these;
 `evaluate_demo(model, tokenizer)` is the library entry point the training demo calls.

@@ -25,9 +25,10 @@ from llava_jax.evaluation import scorers
 from llava_jax.inference.batch import Prompt, build_inputs, load_pixels
 from llava_jax.inference.generation import decode_new_tokens, generate
 
-TASKS = ("demo", "vqa", "pope", "scienceqa")
-# LLaVA-1.5's scripts/v1_5/eval/*.sh budgets (the demo's answers are a word or two).
-DEFAULT_MAX_NEW_TOKENS = {"demo": 8, "vqa": 16, "pope": 16, "scienceqa": 64}
+TASKS = ("demo", "vqa", "pope", "scienceqa", "llava_bench")
+# LLaVA-1.5's scripts/v1_5/eval/*.sh budgets (the demo's answers are a word or two;
+# LLaVA-Bench's are open-ended: model_vqa.py's default of 1024).
+DEFAULT_MAX_NEW_TOKENS = {"demo": 8, "vqa": 16, "pope": 16, "scienceqa": 64, "llava_bench": 1024}
 # The POPE metrics averaged over categories ("mean") and printed, in eval_pope.py's order.
 POPE_METRICS = ("accuracy", "precision", "recall", "f1", "yes_ratio")
 
@@ -211,7 +212,8 @@ def load_questions(task: str, data: str | None, *, image_folder: str | None = No
     """(questions, question file, image root) of a task.
 
     Args:
-      task: one of TASKS ("pope" questions are read as model_vqa JSONL, like "vqa").
+      task: one of TASKS ("pope" and "llava_bench" questions are read as model_vqa JSONL, like
+        "vqa"; llava_bench never gets the short-answer instruction).
       data: the question file; for "demo" None means the built-in split.
       image_folder: the image root; for "demo" None means `images/` beside the question file.
       short_answer: vqa/pope: append the short-answer instruction.
@@ -224,6 +226,8 @@ def load_questions(task: str, data: str | None, *, image_folder: str | None = No
         questions = read_demo_questions(data)
     elif task == "scienceqa":
         questions, image_root = read_scienceqa_questions(data), image_folder
+    elif task == "llava_bench":
+        questions, image_root = read_vqa_questions(data, short_answer=False), image_folder
     else:
         questions, image_root = read_vqa_questions(data, short_answer), image_folder
     if not questions:
@@ -293,11 +297,18 @@ def score_task(task: str, answers: list[dict], questions: Sequence[Question], *,
         if split not in splits:
             raise ValueError(f"{pid_splits} has no split {split!r}; has {sorted(splits)}.")
         return scorers.score_scienceqa(answers, problem_records, splits[split])
+    if task == "llava_bench":
+        raise ValueError("llava_bench is scored by an LLM judge: llava_jax.evaluation.llava_bench"
+                         " (python -m llava_jax.eval --task=llava_bench --judge-endpoint=...)")
     raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
 
 
 def format_result(task: str, result: dict[str, Any]) -> str:
     """Human-readable summary printed at the end of a run."""
+    if task == "llava_bench":
+        from llava_jax.evaluation.llava_bench import format_results
+
+        return format_results(result)
     if task == "scienceqa":
         img = result["img_accuracy"]
         return (f"Accuracy: {100 * result['accuracy']:.2f}% "
