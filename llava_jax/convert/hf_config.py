@@ -86,7 +86,7 @@ def _sliding_window(text: dict[str, Any], family: str, num_layers: int, source: 
                               "supported.")
     if layer_types and any(kind != "full_attention" for kind in layer_types):
         raise ConfigError(f"{source}: layer_types={sorted(set(layer_types))} (per-layer "
-                          "attention kinds) is not supported for a {family} decoder.")
+                          f"attention kinds) is not supported for a {family} decoder.")
     return None
 
 
