@@ -137,7 +137,7 @@ def test_siglip_default_strategy_drops_the_first_patch_like_transformers():
 
 
 def test_sliding_window_kv_cache_decode_equals_full_forward():
-    """Prefill 22 tokens (the image included), then decode one at a time: every step equals
+    """Prefill 22 tokens (the image included), then decode 3 one at a time: every step equals
     the full forward, whose window (6) the cache path applies by cache slot."""
     config = family_config("mistral")
     model = create_model(config, seed=5)
@@ -147,16 +147,15 @@ def test_sliding_window_kv_cache_decode_equals_full_forward():
     logits, cache = model(jnp.asarray(ids[:, :22]), jnp.asarray(pixels), cache=cache,
                           cache_index=0)
     np.testing.assert_allclose(np.asarray(logits), full[:, :22], atol=1e-5, rtol=0)
-    for t in range(22, 30):
+    for t in range(22, 25):
         step, cache = model(jnp.asarray(ids[:, t:t + 1]), cache=cache, cache_index=t)
         np.testing.assert_allclose(np.asarray(step[:, 0]), full[:, t], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["mistral", "llama3.1"])
-def test_greedy_generation_matches_transformers(name):
-    """Token-identical to transformers' generate (its sliding-window cache for Mistral) past
-    the window, for two prompts of different lengths in one left-padded batch."""
-    config = family_config(name)
+def test_greedy_generation_matches_transformers_with_a_sliding_window():
+    """Token-identical to transformers' generate (its sliding-window cache) far past the
+    window, for two prompts of different lengths in one left-padded batch."""
+    config = family_config("mistral")
     model = create_model(config, seed=7)
     reference = hf_llava_from_model(model)
     ids, _, pixels = batch(config, seed=8, length=27)
