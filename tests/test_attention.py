@@ -285,3 +285,79 @@ def test_splash_compiles_for_tpu_under_auto(tpu_devices, mesh_shape):
     text = compiled.as_text()
     assert text.count("tpu_custom_call") == 3, "splash forward, dq and dkv kernels"
     assert "all-gather" not in text  # each device runs the kernel on its own rows / heads
+
+
+# ----------------------------------------------------------------------------------------------
+# Sliding-window attention (Mistral): one more condition in the same mask, in every kernel
+
+
+def test_sliding_window_mask_is_the_transformers_rule():
+    """Key j is visible to query i iff 0 <= i - j < window (transformers' sliding_window_overlay),
+    within the segment; the same rule against a cache, by slot."""
+    segments = jnp.asarray(_segments("packed", 1, 20))
+    dense = np.asarray(AttentionMask.for_sequence(segments, window=4).dense())[0, 0]
+    seg = np.asarray(segments)[0]
+    i, j = np.meshgrid(np.arange(20), np.arange(20), indexing="ij")
+    expected = (i - j >= 0) & (i - j < 4) & (seg[:, None] == seg[None]) & (seg[None] != 0)
+    np.testing.assert_array_equal(dense, expected)
+    cache = AttentionMask.for_cache(jnp.ones((1, 1), jnp.int32), jnp.ones((1, 12), jnp.int32), 9,
+                                    window=4)
+    np.testing.assert_array_equal(np.flatnonzero(np.asarray(cache.dense())[0, 0, 0]), [6, 7, 8, 9])
+
+
+def test_chunked_equals_xla_with_a_sliding_window():
+    """Window 7 over blocks of 10, packed rows: whole blocks behind the window are skipped,
+    forward and backward."""
+    q, k, v = _qkv(np.random.default_rng(5), 2, 37, 37, 4, 2)
+    mask = AttentionMask.for_sequence(jnp.asarray(_segments("packed", 2, 37)), window=7)
+    fn = jax.jit(lambda q, k, v, mask: attention.chunked_attention(q, k, v, mask, block=10))
+    _assert_same(fn, q, k, v, mask)
+    full = AttentionMask.for_sequence(mask.q_segments)
+    assert not np.allclose(attention.xla_attention(q, k, v, full),
+                           attention.xla_attention(q, k, v, mask), atol=1e-3)
+
+
+def test_chunked_equals_xla_with_a_sliding_window_against_a_kv_cache():
+    q, k, v = _qkv(np.random.default_rng(6), 2, 3, 48, 4, 2)
+    kv_segments = np.zeros((2, 48), np.int32)
+    kv_segments[0, 2:30], kv_segments[1, 15:30] = 1, 1
+    mask = AttentionMask.for_cache(jnp.ones((2, 3), jnp.int32),
+                                   jnp.asarray(kv_segments).at[:, 27:30].set(1), 27, window=9)
+    fn = jax.jit(lambda q, k, v, mask: attention.chunked_attention(q, k, v, mask, block=16))
+    _assert_same(fn, q, k, v, mask)
+
+
+def test_cudnn_and_splash_take_the_sliding_window():
+    """cuDNN's argument mapping (through jax's XLA path) and the splash kernel (a causal
+    LocalMask, in the Pallas interpreter) with window 40 over 128 packed tokens."""
+    q, k, v = _qkv(np.random.default_rng(7), 2, 128, 128, 4, 2, head_dim=32)
+    segments = _segments("packed", 2, 128)
+    mask = AttentionMask.for_sequence(jnp.asarray(segments), window=40)
+    rows = jnp.asarray(segments != 0, jnp.float32)
+    cudnn = lambda q, k, v, mask: attention.cudnn_attention(q, k, v, mask, implementation="xla")
+    _assert_same(cudnn, q, k, v, mask, rows=rows)
+    splash = jax.jit(lambda q, k, v, mask: attention.splash_attention(q, k, v, mask,
+                                                                      interpret=True))
+    _assert_same(splash, q, k, v, mask, rows=rows)
+
+
+def test_splash_with_a_sliding_window_compiles_for_tpu(tpu_devices):
+    """The TPU compiler builds the windowed splash kernels (forward, dq, dkv) at 1024 tokens,
+    window 256 (tiles wholly behind the window are not in the mask's block table)."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    mesh = Mesh(np.array(tpu_devices[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+    struct = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype,
+                                                       sharding=NamedSharding(mesh, P()))
+    args = (struct((1, 1024, 8, 128), jnp.bfloat16),
+            *[struct((1, 4, 1024, 128), jnp.bfloat16)] * 2, struct((1, 1024), jnp.int32))
+
+    def grads(q, k, v, segments):
+        mask = AttentionMask.for_sequence(segments, window=256)
+        loss = lambda *a: jnp.sum(attention.dot_product_attention(*a, mask, "splash")
+                                  .astype(jnp.float32))
+        return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    with jax.set_mesh(mesh):
+        text = jax.jit(grads).lower(*args).compile().as_text()
+    assert text.count("tpu_custom_call") == 3

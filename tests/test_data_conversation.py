@@ -92,7 +92,8 @@ def test_segments_concatenate_to_the_rendering_and_train_only_answers(name):
     assert len(trained) == len(rounds)
     for text, (_, answer) in zip(trained, rounds):
         assert answer in text and "<image>" not in text
-        closing = {"two": "</s>", "llama_2": " </s>", "mpt": "<|im_end|>", "plain": "\n"}[template.style]
+        closing = {"two": "</s>", "llama_2": " </s>", "mpt": "<|im_end|>", "plain": "\n",
+                   "llama_3": "<|eot_id|>", "chatml": "<|im_end|>\n"}[template.style]
         assert text.endswith(answer + closing)
 
 

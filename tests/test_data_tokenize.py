@@ -135,7 +135,12 @@ def test_mpt_on_a_llama_tokenizer_is_refused_not_mislabelled(llama):
 
 @pytest.mark.parametrize("name", sorted(TEMPLATES))
 def test_every_template_trains_exactly_answers_and_separators(name, test_tokenizer, chatml_tokenizer):
-    tokenizer = chatml_tokenizer if TEMPLATES[name].style == "mpt" else test_tokenizer
+    style = TEMPLATES[name].style
+    tokenizer = chatml_tokenizer if style == "mpt" else test_tokenizer
+    if style in ("llama_3", "chatml"):  # byte-level vocabularies (test_data_next_templates.py)
+        from llava_jax.data.testing import build_byte_level_tokenizer
+
+        tokenizer = build_byte_level_tokenizer("llama3" if style == "llama_3" else "qwen2")
     image_id = tokenizer.convert_tokens_to_ids("<image>")
     conversations = TWO_ROUNDS[:2] if name == "plain" else TWO_ROUNDS
     out = tokenize_conversation(conversations, tokenizer, name, 5, image_id, None)
@@ -149,8 +154,18 @@ def test_every_template_trains_exactly_answers_and_separators(name, test_tokeniz
     np.testing.assert_array_equal(labels[trained], ids[trained])
     text = tokenizer.decode(labels[trained])
     expected = {"plain": "A cat.\n", "two": "A cat.</s> Black.</s>",
-                "llama_2": "A cat. </s> Black. </s>", "mpt": "A cat.<|im_end|>Black.<|im_end|>"}
-    assert text == expected[TEMPLATES[name].style]
+                "llama_2": "A cat. </s> Black. </s>", "mpt": "A cat.<|im_end|>Black.<|im_end|>",
+                # Whole assistant messages plus the turn-structure tokens of every turn.
+                "llama_3": "<|start_header_id|><|end_header_id|><|eot_id|><|start_header_id|>"
+                           "<|end_header_id|><|eot_id|><|start_header_id|>assistant"
+                           "<|end_header_id|>\n\nA cat.<|eot_id|><|start_header_id|>"
+                           "<|end_header_id|><|eot_id|><|start_header_id|>assistant"
+                           "<|end_header_id|>\n\nBlack.<|eot_id|>"}
+    if style == "chatml":
+        assert "<|im_start|>assistant\nA cat.<|im_end|>\n" in text
+        assert text.endswith("<|im_start|>assistant\nBlack.<|im_end|>\n")
+    else:
+        assert text == expected[style]
     bos = tokenizer.bos_token_id
     assert (ids[0] == bos) == (bos is not None) and labels[0] == IGNORE_INDEX
 

@@ -339,8 +339,19 @@ def _torch_shape(spec: mapping.ParamSpec) -> tuple[int, ...]:
 
 
 def _write_processor_config(directory: Path, config: LlavaConfig) -> None:
-    """CLIPImageProcessor settings, so `LlavaProcessor.from_pretrained` works on the output."""
+    """CLIPImageProcessor (SiglipImageProcessor for a SigLIP tower) settings, so
+    `LlavaProcessor.from_pretrained` works on the output."""
     size = config.vision.image_size
+    if config.vision.model_type == "siglip_vision_model":
+        # SigLIP's processor: a plain bicubic resize to the square (no crop), mean = std = 0.5.
+        processor = {
+            "image_processor_type": "SiglipImageProcessor", "do_resize": True,
+            "size": {"height": size, "width": size}, "resample": 3, "do_rescale": True,
+            "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.5, 0.5, 0.5],
+            "image_std": [0.5, 0.5, 0.5], "do_convert_rgb": True,
+        }
+        (directory / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
+        return
     processor = {
         "image_processor_type": "CLIPImageProcessor", "do_resize": True,
         "size": {"shortest_edge": size}, "resample": 3, "do_center_crop": True,

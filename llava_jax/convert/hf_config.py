@@ -1,74 +1,165 @@
-"""Model configs: transformers' `LlavaConfig` / original LLaVA + CLIP configs <-> ours."""
+"""Model configs: transformers' `LlavaConfig` / original LLaVA + CLIP configs <-> ours.
+
+Text configs: `LlamaConfig` (Vicuna, LLaMA-2, Llama-3/3.1), `MistralConfig`, `Qwen2Config`;
+vision configs: `CLIPVisionConfig`, `SiglipVisionConfig`. A value we cannot compute faithfully
+(another rope type, partial rotary, Qwen2's per-layer sliding window, ...) is a ConfigError
+naming the field, never a silently different model.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
-from llava_jax.models.config import LlavaConfig, TextConfig, VisionConfig
+from llava_jax.models.config import (ROPE_SCALING_TYPES, VISION_MODEL_TYPES, LlavaConfig,
+                                     TextConfig, VisionConfig)
 
 
 class ConfigError(ValueError):
     """A config.json we cannot represent faithfully."""
 
 
-def _rope(text: dict[str, Any], source: str) -> tuple[float, float | None]:
-    """(rope_theta, linear scaling factor or None) from a llama config dict of any vintage."""
+def _rope(text: dict[str, Any], source: str) -> dict[str, Any]:
+    """TextConfig rope fields from a text config dict of any vintage (`rope_theta` +
+    `rope_scaling`, or transformers 5's `rope_parameters`)."""
     params = text.get("rope_parameters") or {}
     scaling = text.get("rope_scaling") or {}
-    theta = params.get("rope_theta", text.get("rope_theta", 10000.0))
-    rope_type = (scaling.get("rope_type") or scaling.get("type")
-                 or params.get("rope_type") or "default")
+    if any(isinstance(value, dict) for value in params.values()):
+        raise ConfigError(f"{source}: per-layer-type rope_parameters are not supported.")
+    merged = {**params, **scaling}
+    theta = merged.get("rope_theta", text.get("rope_theta", 10000.0))
+    rope_type = merged.get("rope_type") or merged.get("type") or "default"
+    partial = merged.get("partial_rotary_factor", text.get("partial_rotary_factor", 1.0))
+    if partial not in (None, 1, 1.0):
+        raise ConfigError(f"{source}: partial_rotary_factor={partial} is not supported "
+                          "(rotary over the whole head only).")
+    fields: dict[str, Any] = {"rope_theta": float(theta)}
     if rope_type == "default":
-        return float(theta), None
-    if rope_type == "linear":
-        factor = scaling.get("factor", params.get("factor"))
-        return float(theta), float(factor)
-    raise ConfigError(f"{source}: rope scaling type {rope_type!r} is not supported "
-                      "(supported: default, linear).")
+        return fields
+    if rope_type not in ROPE_SCALING_TYPES:
+        raise ConfigError(f"{source}: rope scaling type {rope_type!r} is not supported "
+                          f"(supported: default, {', '.join(ROPE_SCALING_TYPES)}); field "
+                          "rope_scaling / rope_parameters.rope_type.")
+    if merged.get("factor") is None:
+        raise ConfigError(f"{source}: rope scaling {rope_type!r} without a 'factor'.")
+    fields.update(rope_scaling_type=rope_type, rope_scaling_factor=float(merged["factor"]))
+    if rope_type == "llama3":
+        for key in ("low_freq_factor", "high_freq_factor"):
+            if merged.get(key) is None:
+                raise ConfigError(f"{source}: llama3 rope scaling needs rope_scaling.{key}.")
+        original = merged.get("original_max_position_embeddings")
+        fields.update(rope_low_freq_factor=float(merged["low_freq_factor"]),
+                      rope_high_freq_factor=float(merged["high_freq_factor"]),
+                      rope_original_max_position_embeddings=(
+                          None if original is None else int(original)))
+    return fields
 
 
-def text_config_from_llama(text: dict[str, Any], source: str) -> TextConfig:
-    """A `LlamaConfig` dict -> TextConfig."""
-    if text.get("model_type", "llama") not in ("llama", "llava_llama", "llava"):
-        raise ConfigError(f"{source}: text model_type {text.get('model_type')!r} is not a LLaMA "
-                          "model; only LLaMA/Vicuna decoders are supported.")
-    theta, scaling = _rope(text, source)
-    num_heads = text.get("num_attention_heads", 32)
+# text model_type (transformers' and the original layouts') -> our decoder family.
+_TEXT_FAMILIES = {"llama": "llama", "llava_llama": "llama", "llava": "llama",
+                  "mistral": "mistral", "llava_mistral": "mistral",
+                  "qwen2": "qwen2", "llava_qwen": "qwen2"}
+# transformers' defaults where the families differ (a config.json may omit any field).
+_TEXT_DEFAULTS = {
+    "llama": dict(vocab_size=32000, intermediate_size=11008, max_position_embeddings=2048,
+                  num_key_value_heads=None),
+    "mistral": dict(vocab_size=32000, intermediate_size=14336, max_position_embeddings=131072,
+                    num_key_value_heads=8, sliding_window=4096),
+    "qwen2": dict(vocab_size=151936, intermediate_size=22016, max_position_embeddings=32768,
+                  num_key_value_heads=32),
+}
+
+
+def _sliding_window(text: dict[str, Any], family: str, num_layers: int, source: str):
+    """Our sliding_window (None or an int) for the family's fields, or a ConfigError."""
+    layer_types = text.get("layer_types")
+    if family == "mistral":
+        # MistralForCausalLM applies config.sliding_window to every layer (layer_types unused).
+        window = text.get("sliding_window", _TEXT_DEFAULTS["mistral"]["sliding_window"])
+        return None if window is None else int(window)
+    if family == "qwen2":
+        sliding = text.get("use_sliding_window", False) and text.get("sliding_window") is not None
+        if sliding and text.get("max_window_layers", 28) < num_layers:
+            raise ConfigError(f"{source}: use_sliding_window=true with max_window_layers="
+                              f"{text.get('max_window_layers', 28)} < num_hidden_layers="
+                              f"{num_layers} (sliding attention on some layers only) is not "
+                              "supported.")
+    if layer_types and any(kind != "full_attention" for kind in layer_types):
+        raise ConfigError(f"{source}: layer_types={sorted(set(layer_types))} (per-layer "
+                          f"attention kinds) is not supported for a {family} decoder.")
+    return None
+
+
+def text_config_from_hf(text: dict[str, Any], source: str) -> TextConfig:
+    """A `LlamaConfig` / `MistralConfig` / `Qwen2Config` dict -> TextConfig."""
+    model_type = text.get("model_type", "llama")
+    if model_type not in _TEXT_FAMILIES:
+        raise ConfigError(f"{source}: text_config.model_type={model_type!r} is not supported; "
+                          "supported decoders: llama, mistral, qwen2.")
+    family = _TEXT_FAMILIES[model_type]
+    defaults = _TEXT_DEFAULTS[family]
+    get = lambda key, fallback=None: text.get(key, defaults.get(key, fallback))
+    if text.get("pretraining_tp", 1) not in (None, 1):
+        raise ConfigError(f"{source}: pretraining_tp={text['pretraining_tp']} is not supported.")
+    num_heads = get("num_attention_heads", 32)
+    num_layers = get("num_hidden_layers", 32)
+    biases = {}
+    if family == "llama":
+        biases = dict(attention_bias=bool(text.get("attention_bias", False)),
+                      mlp_bias=bool(text.get("mlp_bias", False)))
+    elif family == "qwen2":
+        biases = dict(qkv_bias=True)  # Qwen2Attention: q/k/v with bias, o_proj without
     return TextConfig(
-        vocab_size=text.get("vocab_size", 32000),
-        hidden_size=text.get("hidden_size", 4096),
-        intermediate_size=text.get("intermediate_size", 11008),
-        num_layers=text.get("num_hidden_layers", 32),
+        model_type=family,
+        vocab_size=get("vocab_size"),
+        hidden_size=get("hidden_size", 4096),
+        intermediate_size=get("intermediate_size"),
+        num_layers=num_layers,
         num_heads=num_heads,
-        num_kv_heads=text.get("num_key_value_heads") or num_heads,
+        num_kv_heads=get("num_key_value_heads") or num_heads,
         head_dim=text.get("head_dim"),
-        rms_norm_eps=text.get("rms_norm_eps", 1e-6),
-        rope_theta=theta,
-        rope_scaling_factor=scaling,
-        max_position_embeddings=text.get("max_position_embeddings", 2048),
+        rms_norm_eps=get("rms_norm_eps", 1e-6),
+        max_position_embeddings=get("max_position_embeddings"),
         tie_word_embeddings=bool(text.get("tie_word_embeddings", False)),
-        attention_bias=bool(text.get("attention_bias", False)),
-        mlp_bias=bool(text.get("mlp_bias", False)),
         hidden_act=text.get("hidden_act", "silu"),
+        sliding_window=_sliding_window(text, family, num_layers, source),
+        **_rope(text, source),
+        **biases,
     )
 
 
+def text_config_from_llama(text: dict[str, Any], source: str) -> TextConfig:
+    """A `LlamaConfig` dict -> TextConfig (kept for callers of the LLaMA-only name)."""
+    return text_config_from_hf(text, source)
+
+
 def vision_config_from_clip(vision: dict[str, Any], source: str) -> VisionConfig:
-    """A `CLIPVisionConfig` dict (or a `CLIPConfig` with vision_config) -> VisionConfig."""
-    if "vision_config" in vision:  # CLIPModel config
+    """A `CLIPVisionConfig` / `SiglipVisionConfig` dict (or a `CLIPConfig` / `SiglipConfig`
+    with vision_config) -> VisionConfig; the tower is chosen by its model_type."""
+    if "vision_config" in vision:  # CLIPModel / SiglipModel config
         vision = vision["vision_config"]
-    if vision.get("model_type", "clip_vision_model") not in ("clip_vision_model", "clip"):
-        raise ConfigError(f"{source}: vision model_type {vision.get('model_type')!r} is not CLIP.")
+    model_type = vision.get("model_type", "clip_vision_model")
+    model_type = {"clip": "clip_vision_model", "siglip": "siglip_vision_model"}.get(
+        model_type, model_type)
+    if model_type not in VISION_MODEL_TYPES:
+        raise ConfigError(f"{source}: vision_config.model_type={vision.get('model_type')!r} is "
+                          f"not supported; supported towers: {sorted(VISION_MODEL_TYPES)}.")
+    siglip = model_type == "siglip_vision_model"
+    if vision.get("hidden_act", VISION_MODEL_TYPES[model_type]) != VISION_MODEL_TYPES[model_type]:
+        raise ConfigError(f"{source}: vision_config.hidden_act={vision['hidden_act']!r}; a "
+                          f"{model_type} tower here uses {VISION_MODEL_TYPES[model_type]!r}.")
     return VisionConfig(
+        model_type=model_type,
         hidden_size=vision.get("hidden_size", 768),
         intermediate_size=vision.get("intermediate_size", 3072),
         num_layers=vision.get("num_hidden_layers", 12),
         num_heads=vision.get("num_attention_heads", 12),
         image_size=vision.get("image_size", 224),
-        patch_size=vision.get("patch_size", 32),
+        patch_size=vision.get("patch_size", 16 if siglip else 32),
         num_channels=vision.get("num_channels", 3),
-        layer_norm_eps=vision.get("layer_norm_eps", 1e-5),
-        hidden_act=vision.get("hidden_act", "quick_gelu"),
+        layer_norm_eps=vision.get("layer_norm_eps", 1e-6 if siglip else 1e-5),
+        hidden_act=VISION_MODEL_TYPES[model_type],
+        use_head=bool(vision.get("vision_use_head", True)) if siglip else True,
     )
 
 
@@ -84,9 +175,11 @@ def from_hf_llava(config: dict[str, Any], source: str = "config.json") -> LlavaC
     strategy = config.get("vision_feature_select_strategy", "default")
     if strategy not in ("default", "full"):
         raise ConfigError(f"{source}: vision_feature_select_strategy={strategy!r} is unknown.")
-    text = text_config_from_llama(config.get("text_config") or {}, source)
-    if "tie_word_embeddings" in config:
-        text = text.__class__(**{**text.__dict__, "tie_word_embeddings": bool(config["tie_word_embeddings"])})
+    text = text_config_from_hf(config.get("text_config") or {}, source)
+    if config.get("tie_word_embeddings"):
+        # transformers' LlavaConfig ties when either level says so (its __post_init__ lifts a
+        # text config's True to the top level).
+        text = dataclasses.replace(text, tie_word_embeddings=True)
     layer = config.get("vision_feature_layer", -2)
     return LlavaConfig(
         vision=vision_config_from_clip(config.get("vision_config") or {}, source),
@@ -135,6 +228,76 @@ def from_original_llava(config: dict[str, Any], clip_config: dict[str, Any], *,
     )
 
 
+def _rope_parameters(text: TextConfig) -> dict[str, Any]:
+    """transformers 5's `rope_parameters` for our rope fields."""
+    params: dict[str, Any] = {"rope_type": "default", "rope_theta": text.rope_theta}
+    if text.rope_scaling_factor is None:
+        return params
+    params.update(rope_type=text.rope_scaling_type, factor=text.rope_scaling_factor)
+    if text.rope_scaling_type == "llama3":
+        params.update(low_freq_factor=text.rope_low_freq_factor,
+                      high_freq_factor=text.rope_high_freq_factor,
+                      original_max_position_embeddings=(
+                          text.rope_original_max_position_embeddings
+                          or text.max_position_embeddings))
+    return params
+
+
+def hf_text_config(config: LlavaConfig):
+    """The transformers text config (LlamaConfig / MistralConfig / Qwen2Config) of our decoder;
+    ConfigError for a switch combination that family cannot express."""
+    import transformers
+
+    text = config.text
+    family = text.model_type
+    unsupported = []
+    if family != "llama":
+        unsupported += [f"text.{name}=True" for name in ("attention_bias", "mlp_bias")
+                        if getattr(text, name)]
+    if family != "qwen2" and text.qkv_bias:
+        unsupported.append("text.qkv_bias=True")
+    if family == "qwen2" and not text.qkv_bias:
+        unsupported.append("text.qkv_bias=False (Qwen2 always has q/k/v biases)")
+    if family != "mistral" and text.sliding_window is not None:
+        unsupported.append(f"text.sliding_window={text.sliding_window}")
+    if family == "qwen2" and text.head_dim not in (None, text.hidden_size // text.num_heads):
+        unsupported.append(f"text.head_dim={text.head_dim} (Qwen2: hidden_size // num_heads)")
+    if unsupported:
+        raise ConfigError(f"text.model_type={family!r} has no transformers equivalent with "
+                          + ", ".join(unsupported) + ".")
+    common = dict(
+        vocab_size=text.vocab_size, hidden_size=text.hidden_size,
+        intermediate_size=text.intermediate_size, num_hidden_layers=text.num_layers,
+        num_attention_heads=text.num_heads, num_key_value_heads=text.num_kv_heads,
+        rms_norm_eps=text.rms_norm_eps, rope_parameters=_rope_parameters(text),
+        max_position_embeddings=text.max_position_embeddings,
+        tie_word_embeddings=text.tie_word_embeddings, hidden_act=text.hidden_act,
+        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id)
+    if family == "llama":
+        return transformers.LlamaConfig(head_dim=text.resolved_head_dim,
+                                        attention_bias=text.attention_bias,
+                                        mlp_bias=text.mlp_bias, **common)
+    if family == "mistral":
+        return transformers.MistralConfig(head_dim=text.resolved_head_dim,
+                                          sliding_window=text.sliding_window, **common)
+    return transformers.Qwen2Config(use_sliding_window=False, **common)
+
+
+def hf_vision_config(vision: VisionConfig):
+    """The transformers vision config (CLIPVisionConfig / SiglipVisionConfig)."""
+    import transformers
+
+    common = dict(hidden_size=vision.hidden_size, intermediate_size=vision.intermediate_size,
+                  num_hidden_layers=vision.num_layers, num_attention_heads=vision.num_heads,
+                  image_size=vision.image_size, patch_size=vision.patch_size,
+                  num_channels=vision.num_channels, layer_norm_eps=vision.layer_norm_eps,
+                  hidden_act=vision.hidden_act)
+    if vision.model_type == "siglip_vision_model":
+        return transformers.SiglipVisionConfig(vision_use_head=vision.use_head, **common)
+    return transformers.CLIPVisionConfig(**common)
+
+
 def to_hf_llava(config: LlavaConfig, torch_dtype: str = "float32") -> dict[str, Any]:
     """LlavaConfig -> a transformers `LlavaConfig` dict (written as config.json)."""
     import transformers  # only here: it takes seconds to import, and only export needs it
@@ -142,35 +305,16 @@ def to_hf_llava(config: LlavaConfig, torch_dtype: str = "float32") -> dict[str, 
     if config.projector_type != "mlp2x_gelu":
         raise ConfigError(f"projector_type={config.projector_type!r} has no transformers "
                           "equivalent: LlavaForConditionalGeneration's projector is mlp2x_gelu.")
-    text, vision = config.text, config.vision
-    rope_scaling = (None if text.rope_scaling_factor is None
-                    else {"rope_type": "linear", "factor": text.rope_scaling_factor})
-    text_config = transformers.LlamaConfig(
-        vocab_size=text.vocab_size, hidden_size=text.hidden_size,
-        intermediate_size=text.intermediate_size, num_hidden_layers=text.num_layers,
-        num_attention_heads=text.num_heads, num_key_value_heads=text.num_kv_heads,
-        head_dim=text.resolved_head_dim, rms_norm_eps=text.rms_norm_eps,
-        rope_theta=text.rope_theta, rope_scaling=rope_scaling,
-        max_position_embeddings=text.max_position_embeddings,
-        tie_word_embeddings=text.tie_word_embeddings, attention_bias=text.attention_bias,
-        mlp_bias=text.mlp_bias, hidden_act=text.hidden_act, bos_token_id=config.bos_token_id,
-        eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id)
-    vision_config = transformers.CLIPVisionConfig(
-        hidden_size=vision.hidden_size, intermediate_size=vision.intermediate_size,
-        num_hidden_layers=vision.num_layers, num_attention_heads=vision.num_heads,
-        image_size=vision.image_size, patch_size=vision.patch_size,
-        num_channels=vision.num_channels, layer_norm_eps=vision.layer_norm_eps,
-        hidden_act=vision.hidden_act)
     layer = config.vision_feature_layer
     hf = transformers.LlavaConfig(
-        vision_config=vision_config, text_config=text_config,
+        vision_config=hf_vision_config(config.vision), text_config=hf_text_config(config),
         image_token_index=config.image_token_index, projector_hidden_act="gelu",
         vision_feature_select_strategy=(
             "default" if config.vision_feature_select_strategy == "patch" else "full"),
         vision_feature_layer=list(layer) if isinstance(layer, tuple) else layer,
         image_seq_length=config.num_image_tokens,
         multimodal_projector_bias=config.projector_bias,
-        tie_word_embeddings=text.tie_word_embeddings, pad_token_id=config.pad_token_id)
+        tie_word_embeddings=config.text.tie_word_embeddings, pad_token_id=config.pad_token_id)
     out = hf.to_dict()
     out["architectures"] = ["LlavaForConditionalGeneration"]
     out["torch_dtype"] = torch_dtype

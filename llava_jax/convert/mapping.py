@@ -77,6 +77,7 @@ def _torch_prefix(path: str) -> tuple[str, str, bool]:
         ("vision_tower/layers/", "vision_tower.vision_model.encoder.layers.{i}.", True),
         ("vision_tower/pre_layernorm/", "vision_tower.vision_model.pre_layrnorm.", False),
         ("vision_tower/post_layernorm/", "vision_tower.vision_model.post_layernorm.", False),
+        ("vision_tower/head/", "vision_tower.vision_model.head.", False),  # SigLIP's pooling head
         ("vision_tower/", "vision_tower.vision_model.embeddings.", False),
         ("multi_modal_projector/", "multi_modal_projector.", False),
     ]
@@ -100,6 +101,7 @@ def param_specs(config: LlavaConfig, param_shapes: dict[str, tuple[int, ...]]) -
             # Embedding-level tensors of CLIP.
             name = {"class_embedding": "class_embedding",
                     "patch_embedding": "patch_embedding.weight",
+                    "patch_bias": "patch_embedding.bias",  # SigLIP's conv has a bias
                     "position_embedding": "position_embedding.weight"}[rest]
             to_ours, to_torch = ((_conv_to_ours, _conv_to_torch) if rest == "patch_embedding"
                                  else (_identity, _identity))
@@ -107,6 +109,17 @@ def param_specs(config: LlavaConfig, param_shapes: dict[str, tuple[int, ...]]) -
             continue
         if path.startswith("vision_tower/layers/fc"):
             rest = "mlp/" + rest  # torch CLIPEncoderLayer keeps fc1/fc2 under .mlp
+        if rest == "probe":
+            specs.append(ParamSpec(path, tuple(shape), (prefix + "probe",), False, _identity,
+                                   _identity))
+            continue
+        if rest.startswith("attention/in_proj/"):
+            # torch.nn.MultiheadAttention's fused in_proj_weight [3w, w] / in_proj_bias [3w].
+            leaf = "in_proj_weight" if rest.endswith("kernel") else "in_proj_bias"
+            transform = _transpose if rest.endswith("kernel") else _identity
+            specs.append(ParamSpec(path, tuple(shape), (prefix + "attention." + leaf,), False,
+                                   transform, transform))
+            continue
         leaf, to_ours, to_torch = _torch_leaf_name(rest)
         if stacked:
             names = tuple(prefix.format(i=i) + leaf for i in range(shape[0]))

@@ -17,9 +17,25 @@ Templates (names as in the original `conv_templates`):
     chatml_direct    "<|im_start|>system\\nAnswer the questions.<|im_end|><|im_start|>user\\n{q}..."
     mpt              same, the MPT system prompt
 
+LLaVA-NeXT's (LLaVA-VL/LLaVA-NeXT `llava/conversation.py`, trained by its `preprocess_llama3`
+and `preprocess_qwen`, which tokenize message by message):
+
+    llava_llama_3    "<|start_header_id|>system<|end_header_id|>\\n\\n{system}<|eot_id|>"
+                     "<|start_header_id|>user<|end_header_id|>\\n\\n{q}<|eot_id|>" + assistant
+                     (Llama-3-Instruct's chat template: contents stripped; BOS from the tokenizer)
+    qwen_1_5         "<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n"
+                     "<|im_start|>user\\n{q}<|im_end|>\\n<|im_start|>assistant\\n{a}<|im_end|>\\n"
+
 Trained spans = each assistant answer plus the separator that closes it ("</s>" for v1,
-" </s>" for llama_2 styles, "<|im_end|>" for mpt styles, "\\n" for plain). The v0/mmtag
-templates are not provided (the original trains them with a different, legacy code path).
+" </s>" for llama_2 styles, "<|im_end|>" for mpt styles, "\\n" for plain). The two LLaVA-NeXT
+styles train what its preprocessing trains: every assistant message whole (its role header,
+the answer, the end-of-turn token and, for ChatML, the newline after it), and, wherever they
+occur, the tokens listed in `Template.trained_tokens` (LLaVA-NeXT's "unmask" lists: the
+header / end-of-turn specials, and for Qwen the "\\n" token, inside user turns too). Llama 3's
+list also names "\\n\\n", which its lookup never finds in a byte-level vocabulary, so it is
+not trained outside assistant messages, as in the original; and "<|begin_of_text|>", which
+only ever stands first, where no label is predicted, so it stays -100 here. The v0/mmtag templates are not
+provided (the original trains them with a different, legacy code path).
 """
 
 from __future__ import annotations
@@ -58,6 +74,8 @@ MPT_SYSTEM = (
 )
 CHATML_DIRECT_SYSTEM = "<|im_start|>system\nAnswer the questions."
 CHATML_ROLES = ("<|im_start|>user\n", "<|im_start|>assistant\n")
+# LLaVA-NeXT's llava_llama_3 system prompt is LLaVA's Llama-2 one; Qwen's is its default.
+QWEN_SYSTEM = "You are a helpful assistant."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,9 +93,14 @@ class Template:
     name: str
     system: str
     roles: tuple[str, str]
-    style: str  # "two" | "llama_2" | "mpt" | "plain"
+    style: str  # "two" | "llama_2" | "mpt" | "plain" | "llama_3" | "chatml"
     sep: str
     sep2: str | None = None
+    # Strings whose token (each one token in the tokenizer) is trained wherever it occurs.
+    trained_tokens: tuple[str, ...] = ()
+    # "front": every <image> moves to the start of its turn (LLaVA); "next": a lone <image>
+    # moves there, several stay in place (LLaVA-NeXT's preprocess_multimodal).
+    image_placement: str = "front"
 
     @property
     def stop_str(self) -> str:
@@ -119,6 +142,12 @@ class Template:
             for question, answer in rounds:
                 segments.append(Segment(f"{user}{question}{self.sep}{assistant}", False))
                 segments.append(Segment(f"{answer}{self.sep}", True))
+        elif self.style in ("llama_3", "chatml"):
+            # One segment per message: the original tokenizes each message on its own.
+            segments.append(Segment(self._message("system", self.system), False))
+            for question, answer in rounds:
+                segments.append(Segment(self._message(self.roles[0], question), False))
+                segments.append(Segment(self._message(self.roles[1], answer), True))
         else:
             raise ValueError(f"unknown template style {self.style!r}")
         return segments
@@ -150,7 +179,22 @@ class Template:
             if not history:
                 text = self.system + self.sep
             return text + f"{user}{question}{self.sep}{assistant}"
+        if self.style in ("llama_3", "chatml"):
+            if not history:
+                text = self._message("system", self.system)
+            return text + self._message(self.roles[0], question) + self._header(self.roles[1])
         raise ValueError(f"unknown template style {self.style!r}")
+
+    def _header(self, role: str) -> str:
+        if self.style == "llama_3":
+            return f"<|start_header_id|>{role}<|end_header_id|>\n\n"
+        return f"<|im_start|>{role}\n"
+
+    def _message(self, role: str, content: str) -> str:
+        """One message as the chat template renders it (Llama 3's template strips content)."""
+        if self.style == "llama_3":
+            return self._header(role) + content.strip() + self.sep
+        return self._header(role) + content + self.sep + "\n"
 
     def _llama_2_instruction(self, round_index: int, question: str) -> str:
         if round_index == 0:
@@ -176,6 +220,13 @@ TEMPLATES: dict[str, Template] = {
     ),
     "chatml_direct": Template("chatml_direct", CHATML_DIRECT_SYSTEM, CHATML_ROLES, "mpt", "<|im_end|>"),
     "mpt": Template("mpt", MPT_SYSTEM, CHATML_ROLES, "mpt", "<|im_end|>"),
+    "llava_llama_3": Template(
+        "llava_llama_3", LLAVA_LLAMA_2_SYSTEM, ("user", "assistant"), "llama_3", "<|eot_id|>",
+        trained_tokens=("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+        image_placement="next"),
+    "qwen_1_5": Template(
+        "qwen_1_5", QWEN_SYSTEM, ("user", "assistant"), "chatml", "<|im_end|>",
+        trained_tokens=("<|im_start|>", "<|im_end|>", "\n"), image_placement="next"),
 }
 
 

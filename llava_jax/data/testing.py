@@ -41,6 +41,40 @@ def build_test_tokenizer(chatml: bool = False, vocab_size: int = 700):
     )
 
 
+# Special tokens of the byte-level BPE families (Llama 3's tiktoken-style and Qwen2's).
+LLAMA_3_SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+                    "<|end_header_id|>", "<|eot_id|>")
+QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+
+def build_byte_level_tokenizer(family: str, vocab_size: int = 600):
+    """A PreTrainedTokenizerFast in the style of Llama 3 ("llama3") or Qwen2 ("qwen2"):
+    byte-level BPE (no word-prefix space, "\\n" its own token), the family's special tokens
+    after the learned vocabulary, then <image> and <pad>. Llama 3 style prepends
+    <|begin_of_text|> (its post-processor); Qwen style adds nothing."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    specials = {"llama3": LLAMA_3_SPECIALS, "qwen2": QWEN_SPECIALS}[family]
+    # Paragraph breaks often enough that "\\n\\n" becomes one token, as in both real vocabularies.
+    corpus = list(_CORPUS) + [t.system for t in TEMPLATES.values()] + ["one\n\ntwo\n"] * 50
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(corpus, trainer)
+    tokenizer.add_special_tokens(list(specials) + ["<image>", "<pad>"])
+    if family == "llama3":
+        bos = specials[0]
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+            special_tokens=[(bos, tokenizer.token_to_id(bos))])
+        return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=bos,
+                                       eos_token="<|eot_id|>", pad_token="<pad>")
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>",
+                                   pad_token="<pad>")
+
+
 def solid_image(index: int, size: tuple[int, int] = (40, 30)) -> Image.Image:
     """An RGB image of one colour that encodes `index` (recoverable with `solid_index`)."""
     return Image.new("RGB", size, (index % 256, (index // 256) % 256, 200))

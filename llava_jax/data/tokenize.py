@@ -91,15 +91,17 @@ def normalize_conversation(conversations: Any, template: Template) -> list[tuple
     for question, answer in zip(turns[0::2], turns[1::2]):
         if IMAGE_TOKEN in answer[1]:
             raise TokenizationError("image_in_answer", "an assistant turn contains <image>")
-        rounds.append((_move_images_to_front(question[1]), answer[1]))
+        rounds.append((_place_images(question[1], template.image_placement), answer[1]))
     if template.style == "plain" and len(rounds) != 1:
         raise TokenizationError("non_alternating", "the plain template needs exactly 2 turns")
     return rounds
 
 
-def _move_images_to_front(text: str) -> str:
+def _place_images(text: str, placement: str) -> str:
+    """LLaVA ("front") moves every <image> of a turn to its start; LLaVA-NeXT ("next") does
+    so only for a lone <image> and leaves several where they are."""
     count = text.count(IMAGE_TOKEN)
-    if not count:
+    if not count or (placement == "next" and count > 1):
         return text
     return ((IMAGE_TOKEN + "\n") * count + text.replace(IMAGE_TOKEN, "").strip()).strip()
 
@@ -170,6 +172,19 @@ class SpanEncoder:
         self.prefix_ids = list(with_specials[: len(with_specials) - len(without)])
         if with_specials[len(self.prefix_ids) :] != without:
             self.prefix_ids = []  # a tokenizer that appends (not prepends) specials: keep none
+        self._single_token_ids: dict[tuple[str, ...], frozenset[int]] = {}
+
+    def single_token_ids(self, strings: Sequence[str]) -> frozenset[int]:
+        """Ids of those `strings` that are one token here (mid-call, no word prefix)."""
+        key = tuple(strings)
+        if key not in self._single_token_ids:
+            ids = set()
+            for text in key:
+                encoded = self.encode(text, call_start=False)[0]
+                if len(encoded) == 1:
+                    ids.add(encoded[0])
+            self._single_token_ids[key] = frozenset(ids)
+        return self._single_token_ids[key]
 
     def _pieces(self, text: str):
         """Yield (text, None) and (special string, id) pieces of `text`."""
@@ -266,6 +281,13 @@ def tokenize_rounds(
             chunk_ids, call_start = encoder.encode(chunk, call_start)
             ids.extend(chunk_ids)
             labels.extend(chunk_ids if segment.trained else [IGNORE_INDEX] * len(chunk_ids))
+
+    if template.trained_tokens:
+        # LLaVA-NeXT's unmask lists: these tokens are trained in every turn (never the first
+        # token, whose label no position predicts).
+        always = encoder.single_token_ids(template.trained_tokens)
+        labels = [token if index and token in always else label
+                  for index, (token, label) in enumerate(zip(ids, labels))]
 
     whole = encoder.encode_prompt(template.render(rounds), image_token_index, num_image_tokens)
     if whole != ids:

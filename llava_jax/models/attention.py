@@ -5,7 +5,11 @@ Every implementation takes the same operands:
   k, v [b, kv_heads, kv_len, hd]   head-major: the KV cache's layout (GQA: heads % kv_heads == 0)
   mask `AttentionMask`: per-token segment ids and slots, never a [q, kv] matrix
 and return [b, q_len, heads, hd] in q's dtype. Query i may attend key j when
-  q_slot[i] >= kv_slot[j] (causal), q_segment[i] == kv_segment[j], kv_segment[j] != 0.
+  q_slot[i] >= kv_slot[j] (causal), q_segment[i] == kv_segment[j], kv_segment[j] != 0,
+  and, with a sliding window w (Mistral), q_slot[i] - kv_slot[j] < w.
+Slots are token indices (cache columns), as transformers' sliding-window mask counts them;
+within a segment they differ from rotary positions by a constant, so the window is the
+same in packed rows, left-padded prompts and the KV cache.
 A query of segment 0 (padding) attends to nothing; `xla` (the reference) then gives it the
 mean of all values, and `chunked` reproduces that exactly. `cudnn` and `splash` give such
 rows other finite values: padding rows never reach a loss or a sampled token.
@@ -59,7 +63,7 @@ def _log_once(message: str) -> None:
         logging.info("%s", message)
 
 
-@functools.partial(jax.tree_util.register_dataclass, meta_fields=["self_attention"],
+@functools.partial(jax.tree_util.register_dataclass, meta_fields=["self_attention", "window"],
                    data_fields=["q_segments", "kv_segments", "q_slots", "kv_slots"])
 @dataclasses.dataclass(frozen=True)
 class AttentionMask:
@@ -67,6 +71,8 @@ class AttentionMask:
 
     self_attention (static): queries and keys are the same tokens, slot = index (no cache),
     so causality is the plain lower triangle, which the library kernels express natively.
+    window (static): None, or the sliding window w: a query sees the w latest slots up to
+    and including its own.
     """
 
     q_segments: Array
@@ -74,16 +80,18 @@ class AttentionMask:
     q_slots: Array
     kv_slots: Array
     self_attention: bool
+    window: int | None = None
 
     @classmethod
-    def for_sequence(cls, segment_ids: Array) -> "AttentionMask":
+    def for_sequence(cls, segment_ids: Array, window: int | None = None) -> "AttentionMask":
         """Causal self-attention within segments of segment_ids [b, s] (0 = padding)."""
         segments = segment_ids.astype(jnp.int32)
         slots = jnp.broadcast_to(jnp.arange(segments.shape[1], dtype=jnp.int32), segments.shape)
-        return cls(segments, segments, slots, slots, True)
+        return cls(segments, segments, slots, slots, True, window)
 
     @classmethod
-    def for_cache(cls, segment_ids: Array, kv_segments: Array, cache_index) -> "AttentionMask":
+    def for_cache(cls, segment_ids: Array, kv_segments: Array, cache_index,
+                  window: int | None = None) -> "AttentionMask":
         """Queries segment_ids [b, s] at slots cache_index.. against a whole cache whose
         slots hold kv_segments [b, max_len] (0 = empty)."""
         batch, seq = segment_ids.shape
@@ -91,16 +99,21 @@ class AttentionMask:
         kv_slots = jnp.broadcast_to(jnp.arange(kv_segments.shape[1], dtype=jnp.int32),
                                     kv_segments.shape)
         return cls(segment_ids.astype(jnp.int32), kv_segments.astype(jnp.int32), q_slots,
-                   kv_slots, False)
+                   kv_slots, False, window)
 
     def dense(self) -> Array:
-        """Boolean [b, 1, q_len, kv_len]: causal (by slot), same segment, key not padding."""
-        return _allowed(self.q_segments, self.kv_segments, self.q_slots, self.kv_slots)[:, None]
+        """Boolean [b, 1, q_len, kv_len]: causal (by slot), same segment, key not padding,
+        within the window."""
+        return _allowed(self.q_segments, self.kv_segments, self.q_slots, self.kv_slots,
+                        self.window)[:, None]
 
 
-def _allowed(q_segments, kv_segments, q_slots, kv_slots) -> Array:
-    """Boolean [b, q, kv] from [b, q] / [b, kv] ints."""
-    causal = q_slots[:, :, None] >= kv_slots[:, None, :]
+def _allowed(q_segments, kv_segments, q_slots, kv_slots, window=None) -> Array:
+    """Boolean [b, q, kv] from [b, q] / [b, kv] ints (window: static int or None)."""
+    distance = q_slots[:, :, None] - kv_slots[:, None, :]
+    causal = distance >= 0
+    if window is not None:
+        causal = causal & (distance < window)
     same = q_segments[:, :, None] == kv_segments[:, None, :]
     return causal & same & (kv_segments != 0)[:, None, :]
 
@@ -203,7 +216,7 @@ def chunked_attention(q: Array, k: Array, v: Array, mask: AttentionMask,
     k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, pad_kv), (0, 0))) for x in (k, v))
     q_ints = [jnp.pad(x, ((0, 0), (0, pad_q))) for x in (mask.q_segments, mask.q_slots)]
     kv_ints = [jnp.pad(x, ((0, 0), (0, pad_kv))) for x in (mask.kv_segments, mask.kv_slots)]
-    out = _flash(qg, k, v, *q_ints, *kv_ints, block_q, block_kv)[:, :seq]
+    out = _flash(qg, k, v, *q_ints, *kv_ints, block_q, block_kv, mask.window)[:, :seq]
     # A query that may see no key (segment 0) gets the mean of all values, as in `xla`,
     # whose softmax over an all-MASK_VALUE row is uniform; ordinary autodiff handles its
     # gradient, the kernel's rows there get a zero cotangent.
@@ -219,15 +232,15 @@ def _block(x: Array, axis: int, index, size: int) -> Array:
     return jax.lax.dynamic_slice_in_dim(x, index * size, size, axis)
 
 
-def _scores(qi, kj, q_seg, q_slot, kv_seg, kv_slot):
+def _scores(qi, kj, q_seg, q_slot, kv_seg, kv_slot, window):
     """Masked, scaled logits [b, kv_heads, groups, bq, bkv] f32 and the mask [b, bq, bkv]."""
-    allowed = _allowed(q_seg, kv_seg, q_slot, kv_slot)
+    allowed = _allowed(q_seg, kv_seg, q_slot, kv_slot, window)
     logits = jnp.einsum("bqhgd,bhkd->bhgqk", qi, kj, preferred_element_type=jnp.float32)
     logits = logits * qi.shape[-1] ** -0.5  # after the dot, exactly as xla does
     return jnp.where(allowed[:, None, None], logits, MASK_VALUE), allowed
 
 
-def _flash_forward(q, k, v, q_seg, q_slot, kv_seg, kv_slot, block_q, block_kv):
+def _flash_forward(q, k, v, q_seg, q_slot, kv_seg, kv_slot, block_q, block_kv, window):
     """q [b, sq, kvh, g, hd], k/v [b, kvh, skv, hd] (lengths multiples of the blocks) ->
     out [b, sq, kvh, g, hd] in q's dtype, log-sum-exp [nq, b, kvh, g, bq] f32."""
     num_kv = k.shape[2] // block_kv
@@ -243,7 +256,7 @@ def _flash_forward(q, k, v, q_seg, q_slot, kv_seg, kv_slot, block_q, block_kv):
 
             def update(carry):
                 acc, row_max, row_sum = carry
-                logits, _ = _scores(qi, kj, qs, ql, ks, kl)
+                logits, _ = _scores(qi, kj, qs, ql, ks, kl, window)
                 new_max = jnp.maximum(row_max, logits.max(-1))
                 correction = jnp.exp(row_max - new_max)
                 p = jnp.exp(logits - new_max[..., None])
@@ -254,8 +267,8 @@ def _flash_forward(q, k, v, q_seg, q_slot, kv_seg, kv_slot, block_q, block_kv):
                 return acc, new_max, row_sum
 
             # Skip blocks no query of this block may see (causal upper triangle, other
-            # segments, empty cache slots).
-            needed = jnp.any(_allowed(qs, ks, ql, kl))
+            # segments, empty cache slots, keys behind the sliding window).
+            needed = jnp.any(_allowed(qs, ks, ql, kl, window))
             return jax.lax.cond(needed, update, lambda c: c, carry), None
 
         stats = (batch, kv_heads, groups, bq)
@@ -272,17 +285,18 @@ def _flash_forward(q, k, v, q_seg, q_slot, kv_seg, kv_slot, block_q, block_kv):
     return jnp.moveaxis(out, 0, 1).reshape(q.shape), lse  # out was [nq, b, bq, kvh, g, hd]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
-def _flash(q, k, v, q_seg, q_slot, kv_seg, kv_slot, block_q, block_kv):
-    return _flash_forward(q, k, v, q_seg, q_slot, kv_seg, kv_slot, block_q, block_kv)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _flash(q, k, v, q_seg, q_slot, kv_seg, kv_slot, block_q, block_kv, window):
+    return _flash_forward(q, k, v, q_seg, q_slot, kv_seg, kv_slot, block_q, block_kv, window)[0]
 
 
-def _flash_fwd(q, k, v, q_seg, q_slot, kv_seg, kv_slot, block_q, block_kv):
-    out, lse = _flash_forward(q, k, v, q_seg, q_slot, kv_seg, kv_slot, block_q, block_kv)
+def _flash_fwd(q, k, v, q_seg, q_slot, kv_seg, kv_slot, block_q, block_kv, window):
+    out, lse = _flash_forward(q, k, v, q_seg, q_slot, kv_seg, kv_slot, block_q, block_kv,
+                              window)
     return out, (q, k, v, q_seg, q_slot, kv_seg, kv_slot, out, lse)
 
 
-def _flash_bwd(block_q, block_kv, residuals, d_out):
+def _flash_bwd(block_q, block_kv, window, residuals, d_out):
     """FlashAttention-2's backward: per query block, rescan the key blocks; dq accumulates
     in the inner carry, dk / dv (f32, full length) across both scans."""
     q, k, v, q_seg, q_slot, kv_seg, kv_slot, out, lse = residuals
@@ -300,7 +314,7 @@ def _flash_bwd(block_q, block_kv, residuals, d_out):
             def grads(carry):
                 dq, dk, dv = carry
                 kj, vj = _block(k, 2, j, block_kv), _block(v, 2, j, block_kv)
-                logits, allowed = _scores(qi, kj, qs, ql, ks, kl)
+                logits, allowed = _scores(qi, kj, qs, ql, ks, kl, window)
                 p = jnp.exp(logits - lse_i[..., None])
                 dv_j = jnp.einsum("bhgqk,bqhgd->bhkd", p.astype(doi.dtype), doi,
                                   preferred_element_type=jnp.float32)
@@ -315,7 +329,7 @@ def _flash_bwd(block_q, block_kv, residuals, d_out):
                     full, _block(full, 2, j, block_kv) + part, j * block_kv, 2)
                 return dq, add(dk, dk_j), add(dv, dv_j)
 
-            needed = jnp.any(_allowed(qs, ks, ql, kl))
+            needed = jnp.any(_allowed(qs, ks, ql, kl, window))
             return jax.lax.cond(needed, grads, lambda c: c, carry), None
 
         init = (jnp.zeros(qi.shape, jnp.float32), *dkv)
@@ -337,10 +351,10 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 def cudnn_attention(q: Array, k: Array, v: Array, mask: AttentionMask,
                     implementation: str = "cudnn") -> Array:
-    """cuDNN flash attention. Segments, padding and cache slots go in as its boolean `mask`
-    (cuDNN adds it as a bias); self-attention also sets is_causal so cuDNN skips the upper
-    triangle. `implementation="xla"` runs the same argument mapping through jax's own XLA
-    path (how it is tested on CPU)."""
+    """cuDNN flash attention. Segments, padding, cache slots and the sliding window go in as
+    its boolean `mask` (cuDNN adds it as a bias); self-attention also sets is_causal so
+    cuDNN skips the upper triangle. `implementation="xla"` runs the same argument mapping
+    through jax's own XLA path (how it is tested on CPU)."""
     head_dim = q.shape[-1]
     reason = None
     if q.dtype not in (jnp.bfloat16, jnp.float16):
@@ -355,6 +369,8 @@ def cudnn_attention(q: Array, k: Array, v: Array, mask: AttentionMask,
         return fallback_attention(q, k, v, mask)
     # jax.nn takes keys / values as [b, kv_len, kv_heads, hd].
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    # A sliding window is in the dense mask only: cuDNN's own sliding_window_length is not
+    # passed, since its combination with an explicit mask could not be checked on a GPU here.
     return jax.nn.dot_product_attention(q, k, v, mask=mask.dense(),
                                         is_causal=mask.self_attention,
                                         implementation=implementation)
@@ -366,7 +382,8 @@ def cudnn_attention(q: Array, k: Array, v: Array, mask: AttentionMask,
 
 def splash_attention(q: Array, k: Array, v: Array, mask: AttentionMask,
                      interpret: bool = False) -> Array:
-    """Splash attention: a static causal mask and the segment ids, per batch row (vmap),
+    """Splash attention: a static causal mask (a causal local mask with a sliding window:
+    splash then also skips the tiles behind the window) and the segment ids, per batch row (vmap),
     inside shard_map when a mesh is in context. `interpret=True` runs the kernel in the
     Pallas interpreter (any backend, slowly: for tests)."""
     batch, seq, heads, head_dim = q.shape
@@ -390,11 +407,15 @@ def splash_attention(q: Array, k: Array, v: Array, mask: AttentionMask,
     # The kernel does not scale: fold 1/sqrt(hd) into q. It takes [heads, seq, hd] per row.
     q = (q * head_dim**-0.5).astype(q.dtype).transpose(0, 2, 1, 3)
     segments = mask.q_segments
+    if mask.window is None:
+        head_mask = splash_lib.CausalMask((seq, seq))
+    else:  # keys i - window + 1 .. i, as _allowed
+        head_mask = splash_lib.LocalMask((seq, seq), window_size=(mask.window - 1, 0), offset=0)
 
     def rows(q, k, v, segments):
         # Built per call from the (local) shapes; the mask tables are small numpy arrays.
         kernel = splash_lib.make_splash_mha(
-            splash_lib.MultiHeadMask([splash_lib.CausalMask((seq, seq))] * q.shape[1]),
+            splash_lib.MultiHeadMask([head_mask] * q.shape[1]),
             block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
         one = lambda q, k, v, s: kernel(q, k, v, segment_ids=splash_lib.SegmentIds(s, s))
         return jax.vmap(one)(q, k, v, segments)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llava_jax.models.config import LlavaConfig, VisionConfig, jnp_dtype
-from llava_jax.models.layers import Dense, LayerNorm, quick_gelu, run_stacked, stacked
+from llava_jax.models.layers import Dense, LayerNorm, gelu_tanh, quick_gelu, run_stacked, stacked
 from llava_jax.models.partitioning import BATCH, HEAD_DIM, HEADS, LENGTH, MLP, RESIDUAL, constrain
 
 Array = jax.Array
@@ -47,8 +47,12 @@ class CLIPAttention(nnx.Module):
         return constrain(self.out_proj(out), RESIDUAL)
 
 
+_ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu_pytorch_tanh": gelu_tanh}
+
+
 class CLIPEncoderLayer(nnx.Module):
-    """Pre-norm transformer block: x + attn(ln1(x)); x + mlp(ln2(x))."""
+    """Pre-norm transformer block: x + attn(ln1(x)); x + mlp(ln2(x)). SigLIP's encoder layer
+    is the same block with the tanh GELU (config.hidden_act)."""
 
     def __init__(self, config: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         norm = dict(eps=config.layer_norm_eps, dtype=dtype, param_dtype=param_dtype)
@@ -58,12 +62,13 @@ class CLIPEncoderLayer(nnx.Module):
         self.layer_norm2 = LayerNorm(config.hidden_size, **norm)
         self.fc1 = Dense(config.hidden_size, config.intermediate_size, **dense)
         self.fc2 = Dense(config.intermediate_size, config.hidden_size, **dense)
+        self.activation = config.hidden_act
 
     def __call__(self, x: Array) -> Array:
         """x [n, tokens, width] -> [n, tokens, width]."""
         x = constrain(x + self.self_attn(self.layer_norm1(x)), RESIDUAL)
         hidden = constrain(self.fc1(self.layer_norm2(x)), (BATCH, LENGTH, MLP))
-        return constrain(x + self.fc2(quick_gelu(hidden)), RESIDUAL)
+        return constrain(x + self.fc2(_ACTIVATIONS[self.activation](hidden)), RESIDUAL)
 
 
 class CLIPVisionTower(nnx.Module):
@@ -88,31 +93,49 @@ class CLIPVisionTower(nnx.Module):
             embedding_init(rngs.params(), (vision.num_patches + 1, vision.hidden_size), param_dtype))
         norm = dict(eps=vision.layer_norm_eps, dtype=dtype, param_dtype=param_dtype)
         self.pre_layernorm = LayerNorm(vision.hidden_size, **norm)
+        self._init_encoder(config, rngs)
+
+    def _init_encoder(self, config: LlavaConfig, rngs: nnx.Rngs) -> None:
+        """The encoder layers, the post-layernorm and the feature selection (shared with
+        SigLIP)."""
+        vision = config.vision
+        dtype, param_dtype = jnp_dtype(config.dtype), jnp_dtype(config.param_dtype)
         self.layers = stacked(
             lambda r: CLIPEncoderLayer(vision, dtype=dtype, param_dtype=param_dtype, rngs=r),
             vision.num_layers, rngs)
-        self.post_layernorm = LayerNorm(vision.hidden_size, **norm)  # unused by LLaVA; kept
+        self.post_layernorm = LayerNorm(vision.hidden_size, eps=vision.layer_norm_eps,
+                                        dtype=dtype, param_dtype=param_dtype)  # unused by LLaVA
         self.vision = vision
         self.feature_layers = tuple(
             layer % (vision.num_layers + 1) for layer in config.feature_layers)
+        # 'patch' drops the first token (CLIP's class token; for SigLIP, as transformers'
+        # "default", its first patch), 'cls_patch' keeps all.
         self.keep_cls = config.vision_feature_select_strategy == "cls_patch"
         self.scan_layers = config.scan_layers
         self.remat_policy = config.remat_policy
         self.dtype = dtype
 
-    def embed(self, pixel_values: Array) -> Array:
-        """pixels [n, H, W, C] -> [n, 1 + patches, width] after the pre-layernorm."""
+    def patch_embed(self, pixel_values: Array) -> Array:
+        """pixels [n, H, W, C] -> float32 [n, patches, width]: the stride-p convolution."""
         n, height, width, channels = pixel_values.shape
         p = self.vision.patch_size
         if height != self.vision.image_size or width != self.vision.image_size:
             raise ValueError(f"pixel_values are {height}x{width}; this vision tower expects "
                              f"{self.vision.image_size}x{self.vision.image_size}.")
-        # A stride-p conv is a matmul over non-overlapping p x p patches.
-        patches = pixel_values.reshape(n, height // p, p, width // p, p, channels)
+        # A stride-p conv is a matmul over non-overlapping p x p patches; a 'valid' conv
+        # drops the last size % p rows / columns (SigLIP at 384 px, patch 14).
+        rows, columns = height // p, width // p
+        pixel_values = pixel_values[:, :rows * p, :columns * p]
+        patches = pixel_values.reshape(n, rows, p, columns, p, channels)
         patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(n, -1, p * p * channels)
         kernel = self.patch_embedding[...].reshape(p * p * channels, -1)
-        x = jnp.einsum("npk,kd->npd", patches.astype(self.dtype), kernel.astype(self.dtype),
-                       preferred_element_type=jnp.float32)
+        return jnp.einsum("npk,kd->npd", patches.astype(self.dtype), kernel.astype(self.dtype),
+                          preferred_element_type=jnp.float32)
+
+    def embed(self, pixel_values: Array) -> Array:
+        """pixels [n, H, W, C] -> [n, 1 + patches, width] after the pre-layernorm."""
+        n = pixel_values.shape[0]
+        x = self.patch_embed(pixel_values)
         cls = jnp.broadcast_to(self.class_embedding[...].astype(jnp.float32), (n, 1, x.shape[-1]))
         x = jnp.concatenate([cls, x], axis=1) + self.position_embedding[...].astype(jnp.float32)
         return constrain(self.pre_layernorm(x.astype(self.dtype)), RESIDUAL)
@@ -120,7 +143,7 @@ class CLIPVisionTower(nnx.Module):
     def __call__(self, pixel_values: Array) -> Array:
         """pixels [n, H, W, 3] -> selected features [n, tokens, width * len(feature_layers)].
 
-        tokens = patches (CLS dropped, 'patch') or patches + 1 ('cls_patch').
+        tokens = config.num_image_tokens: the tower's tokens, less the first for 'patch'.
         """
         hidden = self.embed(pixel_values)
         selected = {}

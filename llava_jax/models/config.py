@@ -19,12 +19,19 @@ REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_save
 DTYPES = ("float32", "bfloat16", "float16")
 # Decoder attention kernels (models/attention.py); a runtime choice, not part of the weights.
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "chunked", "cudnn", "splash")
+# Vision towers by transformers' vision model_type (models/clip.py, models/siglip.py).
+VISION_MODEL_TYPES = {"clip_vision_model": "quick_gelu", "siglip_vision_model": "gelu_pytorch_tanh"}
+# Decoders by transformers' text model_type: one module (models/llama.py) with switches.
+TEXT_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# transformers' rope_type values we compute ('default' is rope_scaling_factor=None).
+ROPE_SCALING_TYPES = ("linear", "dynamic", "llama3")
 
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
-    """CLIP ViT vision tower (transformers' `CLIPVisionConfig`)."""
+    """ViT vision tower: transformers' `CLIPVisionConfig` or `SiglipVisionConfig`."""
 
+    model_type: str = "clip_vision_model"  # or 'siglip_vision_model' (VISION_MODEL_TYPES)
     hidden_size: int = 1024
     intermediate_size: int = 4096
     num_layers: int = 24
@@ -33,11 +40,23 @@ class VisionConfig:
     patch_size: int = 14
     num_channels: int = 3
     layer_norm_eps: float = 1e-5
-    hidden_act: str = "quick_gelu"  # CLIP's x * sigmoid(1.702 x)
+    hidden_act: str = "quick_gelu"  # CLIP's x * sigmoid(1.702 x); SigLIP: 'gelu_pytorch_tanh'
+    # SigLIP only: the tower has its attention-pooling head (held for export, never computed).
+    use_head: bool = True
 
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def has_class_token(self) -> bool:
+        """CLIP prepends a class token; SigLIP has none."""
+        return self.model_type == "clip_vision_model"
+
+    @property
+    def num_positions(self) -> int:
+        """Tokens the tower's layers see: patches (+ the class token)."""
+        return self.num_patches + int(self.has_class_token)
 
     @property
     def head_dim(self) -> int:
@@ -46,8 +65,9 @@ class VisionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TextConfig:
-    """LLaMA / Vicuna decoder (transformers' `LlamaConfig`)."""
+    """LLaMA-style decoder: transformers' `LlamaConfig`, `MistralConfig` or `Qwen2Config`."""
 
+    model_type: str = "llama"  # 'llama', 'mistral' or 'qwen2' (TEXT_MODEL_TYPES): the export class
     vocab_size: int = 32064
     hidden_size: int = 4096
     intermediate_size: int = 11008
@@ -57,12 +77,19 @@ class TextConfig:
     head_dim: int | None = None  # None: hidden_size // num_heads
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    rope_scaling_factor: float | None = None  # 'linear' rope scaling; None: no scaling
+    rope_scaling_factor: float | None = None  # None: plain rotary; else scaled per rope_scaling_type
+    rope_scaling_type: str = "linear"  # 'linear', 'dynamic' (NTK) or 'llama3' (ROPE_SCALING_TYPES)
+    rope_low_freq_factor: float = 1.0  # llama3 scaling only
+    rope_high_freq_factor: float = 4.0  # llama3 scaling only
+    rope_original_max_position_embeddings: int | None = None  # llama3: pre-extension context
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
+    attention_bias: bool = False  # biases on q, k, v and o (LLaMA's switch)
+    qkv_bias: bool = False  # biases on q, k, v only (Qwen2)
     mlp_bias: bool = False
     hidden_act: str = "silu"
+    # Mistral: query i sees key j only if 0 <= i - j < sliding_window (None: full causal).
+    sliding_window: int | None = None
 
     @property
     def resolved_head_dim(self) -> int:
@@ -102,9 +129,12 @@ class LlavaConfig:
     # ----- derived quantities -----
     @property
     def num_image_tokens(self) -> int:
-        """Placeholder tokens per image: one per patch, plus CLS for 'cls_patch'."""
-        extra = 1 if self.vision_feature_select_strategy == "cls_patch" else 0
-        return self.vision.num_patches + extra
+        """Placeholder tokens per image: the tower's tokens, less the first for 'patch'.
+
+        As transformers' "default" strategy, 'patch' drops the first token whatever it is:
+        CLIP's class token, or (SigLIP has none) the first patch."""
+        drop = 1 if self.vision_feature_select_strategy == "patch" else 0
+        return self.vision.num_positions - drop
 
     @property
     def feature_layers(self) -> tuple[int, ...]:
@@ -185,11 +215,11 @@ def validate(config: LlavaConfig) -> None:
                 f"vision_feature_layer={layer} is out of range for a {vision.num_layers}-"
                 f"layer tower (valid: {-(vision.num_layers + 1)}..{vision.num_layers})."
             )
-    if vision.image_size % vision.patch_size:
-        raise ValueError(
-            f"vision.image_size={vision.image_size} is not a multiple of "
-            f"vision.patch_size={vision.patch_size}."
-        )
+    # image_size need not be a multiple of patch_size: the patch convolution is 'valid' and
+    # ignores the last image_size % patch_size rows and columns (SigLIP: 384 px, patch 14).
+    if vision.patch_size > vision.image_size or vision.patch_size < 1:
+        raise ValueError(f"vision.patch_size={vision.patch_size} must be in "
+                         f"1..vision.image_size={vision.image_size}.")
     if vision.hidden_size % vision.num_heads:
         raise ValueError("vision.hidden_size must be divisible by vision.num_heads.")
     if text.num_heads % text.num_kv_heads:
@@ -201,10 +231,27 @@ def validate(config: LlavaConfig) -> None:
         raise ValueError("text.hidden_size must be divisible by text.num_heads (or set head_dim).")
     if text.resolved_head_dim % 2:
         raise ValueError("text head_dim must be even for rotary embeddings.")
-    if vision.hidden_act != "quick_gelu":
+    if vision.model_type not in VISION_MODEL_TYPES:
+        raise ValueError(f"vision.model_type={vision.model_type!r}; use one of "
+                         f"{sorted(VISION_MODEL_TYPES)}.")
+    if vision.hidden_act != VISION_MODEL_TYPES[vision.model_type]:
         raise ValueError(
-            f"vision.hidden_act={vision.hidden_act!r}; only 'quick_gelu' (CLIP) is supported."
-        )
+            f"vision.hidden_act={vision.hidden_act!r}; {vision.model_type} towers use "
+            f"{VISION_MODEL_TYPES[vision.model_type]!r}.")
+    if text.model_type not in TEXT_MODEL_TYPES:
+        raise ValueError(f"text.model_type={text.model_type!r}; use one of {TEXT_MODEL_TYPES}.")
+    if text.rope_scaling_factor is not None:
+        if text.rope_scaling_type not in ROPE_SCALING_TYPES:
+            raise ValueError(f"text.rope_scaling_type={text.rope_scaling_type!r}; use one of "
+                             f"{ROPE_SCALING_TYPES}.")
+        if not text.rope_scaling_factor > 0:
+            raise ValueError(f"text.rope_scaling_factor={text.rope_scaling_factor} must be > 0.")
+        if text.rope_scaling_type == "llama3" and not (
+                text.rope_high_freq_factor > text.rope_low_freq_factor > 0):
+            raise ValueError("text.rope_high_freq_factor must exceed text.rope_low_freq_factor "
+                             "(> 0) for llama3 rope scaling.")
+    if text.sliding_window is not None and text.sliding_window < 1:
+        raise ValueError(f"text.sliding_window={text.sliding_window}; use None or >= 1.")
     if text.hidden_act != "silu":
         raise ValueError(f"text.hidden_act={text.hidden_act!r}; only 'silu' (LLaMA) is supported.")
     if not 0 <= config.image_token_index < text.vocab_size:
@@ -233,6 +280,62 @@ _LLAMA_13B = TextConfig(
     hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40, num_kv_heads=40
 )
 
+# Released decoders (their config.json values; parameter counts in tests/test_models_families.py).
+_LLAMA_3_8B = TextConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                         num_layers=32, num_heads=32, num_kv_heads=8, rope_theta=500000.0,
+                         max_position_embeddings=8192)
+_LLAMA_3_70B = dataclasses.replace(_LLAMA_3_8B, hidden_size=8192, intermediate_size=28672,
+                                   num_layers=80, num_heads=64)
+_LLAMA_3_1 = dict(rope_scaling_type="llama3", rope_scaling_factor=8.0, rope_low_freq_factor=1.0,
+                  rope_high_freq_factor=4.0, rope_original_max_position_embeddings=8192,
+                  max_position_embeddings=131072)
+_MISTRAL_7B_V01 = TextConfig(model_type="mistral", vocab_size=32000, hidden_size=4096,
+                             intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8,
+                             max_position_embeddings=32768, sliding_window=4096)
+_QWEN2 = dict(model_type="qwen2", qkv_bias=True, rms_norm_eps=1e-6, rope_theta=1000000.0,
+              max_position_embeddings=32768)
+TEXT_PRESETS: dict[str, TextConfig] = {
+    "llama-3-8b": _LLAMA_3_8B,
+    "llama-3-70b": _LLAMA_3_70B,
+    "llama-3.1-8b": dataclasses.replace(_LLAMA_3_8B, **_LLAMA_3_1),
+    "llama-3.1-70b": dataclasses.replace(_LLAMA_3_70B, **_LLAMA_3_1),
+    "mistral-7b-v0.1": _MISTRAL_7B_V01,
+    # v0.2 (the LLM of llava-v1.6-mistral-7b): rope_theta 1e6, no sliding window.
+    "mistral-7b-v0.2": dataclasses.replace(_MISTRAL_7B_V01, rope_theta=1000000.0,
+                                           sliding_window=None),
+    # The small Qwen2 models tie the LM head to the embeddings.
+    "qwen2-0.5b": TextConfig(vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                             num_layers=24, num_heads=14, num_kv_heads=2,
+                             tie_word_embeddings=True, **_QWEN2),
+    "qwen2-1.5b": TextConfig(vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                             num_layers=28, num_heads=12, num_kv_heads=2,
+                             tie_word_embeddings=True, **_QWEN2),
+    "qwen2-7b": TextConfig(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                           num_layers=28, num_heads=28, num_kv_heads=4, **_QWEN2),
+    "qwen2-72b": TextConfig(vocab_size=152064, hidden_size=8192, intermediate_size=29568,
+                            num_layers=80, num_heads=64, num_kv_heads=8, **_QWEN2),
+}
+# SigLIP-so400m/14 at 384 px as LLaVA-OneVision / LLaVA-Interleave use it: the original drops
+# the last of its 27 layers and the pooling head, and llava-hf's conversions keep 26 layers.
+_SIGLIP_SO400M_384 = VisionConfig(
+    model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304, num_layers=26,
+    num_heads=16, image_size=384, patch_size=14, layer_norm_eps=1e-6,
+    hidden_act="gelu_pytorch_tanh", use_head=False)
+
+
+def _llava_on(text: TextConfig, *, extra_tokens: int, pad: int | None, bos: int, eos: int,
+              vision: VisionConfig = _CLIP_L_336, **changes) -> LlavaConfig:
+    """A LLaVA-1.5-recipe model over `text`: `<image>` at the tokenizer's first free id.
+
+    extra_tokens: rows the embedding table grows by (0 when it has spare rows, as Qwen2's).
+    """
+    tokenizer_size = text.vocab_size if extra_tokens else changes.pop("tokenizer_size")
+    vocab = -(-(text.vocab_size + extra_tokens) // 64) * 64 if extra_tokens else text.vocab_size
+    return LlavaConfig(vision=vision, text=dataclasses.replace(text, vocab_size=vocab),
+                       image_token_index=tokenizer_size, pad_token_id=pad, bos_token_id=bos,
+                       eos_token_id=eos, **changes)
+
+
 PRESETS: dict[str, LlavaConfig] = {
     # LLaVA v1: Vicuna v1 (LLaMA-1: 2048 positions, eps 1e-6), CLIP-L/14 224 px, linear projector.
     "llava-v1-7b": LlavaConfig(
@@ -250,6 +353,26 @@ PRESETS: dict[str, LlavaConfig] = {
     # LLaVA-1.5: Vicuna v1.5 (Llama 2), CLIP-L/14 336 px, 2-layer GELU MLP projector.
     "llava-v1.5-7b": LlavaConfig(vision=_CLIP_L_336, text=_LLAMA_7B),
     "llava-v1.5-13b": LlavaConfig(vision=_CLIP_L_336, text=_LLAMA_13B),
+    # LLaVA-1.5's recipe (CLIP-L/14 336 px, mlp2x_gelu) over newer decoders. Llama 3 and
+    # Mistral get <image> and <pad> appended (vocabulary padded to a multiple of 64, as
+    # llava-hf's conversions); eos is the chat end-of-turn token the templates stop on.
+    "llava-llama-3-8b": _llava_on(_LLAMA_3_8B, extra_tokens=2, pad=128257, bos=128000,
+                                  eos=128009),
+    "llava-llama-3.1-8b": _llava_on(TEXT_PRESETS["llama-3.1-8b"], extra_tokens=2, pad=128257,
+                                    bos=128000, eos=128009),
+    "llava-mistral-7b": _llava_on(TEXT_PRESETS["mistral-7b-v0.2"], extra_tokens=2, pad=32001,
+                                  bos=1, eos=2),
+    # SigLIP + Qwen2 (the LLaVA-OneVision / Interleave pairing, single-image flat here):
+    # Qwen2's table has spare rows, so <image> is id 151646 (after <|im_end|>) without
+    # resizing; features from the last kept layer, all 729 tokens.
+    "llava-qwen2-0.5b": _llava_on(TEXT_PRESETS["qwen2-0.5b"], extra_tokens=0, pad=151643,
+                                  bos=151643, eos=151645, tokenizer_size=151646,
+                                  vision=_SIGLIP_SO400M_384, vision_feature_layer=-1,
+                                  vision_feature_select_strategy="cls_patch"),
+    "llava-qwen2-7b": _llava_on(TEXT_PRESETS["qwen2-7b"], extra_tokens=0, pad=151643,
+                                bos=151643, eos=151645, tokenizer_size=151646,
+                                vision=_SIGLIP_SO400M_384, vision_feature_layer=-1,
+                                vision_feature_select_strategy="cls_patch"),
     # Tests and the CPU demo: every feature of the big models at toy width.
     "tiny": LlavaConfig(
         vision=VisionConfig(

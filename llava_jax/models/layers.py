@@ -125,6 +125,11 @@ def quick_gelu(x: Array) -> Array:
     return x * jax.nn.sigmoid(1.702 * x)
 
 
+def gelu_tanh(x: Array) -> Array:
+    """SigLIP's activation: GELU, tanh approximation (torch's gelu(approximate="tanh"))."""
+    return jax.nn.gelu(x, approximate=True)
+
+
 def remat_policy(name: str):
     """Maps the config's remat_policy to a jax.checkpoint policy; None means no remat."""
     if name == "none":

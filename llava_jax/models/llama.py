@@ -1,4 +1,7 @@
-"""LLaMA / Vicuna decoder (transformers' `LlamaForCausalLM`) with packing masks and a KV cache.
+"""LLaMA-style decoder with packing masks and a KV cache: one module whose config switches
+cover transformers' `LlamaForCausalLM` (Vicuna, LLaMA-2, Llama-3/3.1 with `llama3`, `linear`
+or `dynamic` rope scaling), `MistralForCausalLM` (sliding-window attention) and
+`Qwen2ForCausalLM` (q/k/v biases, tied embeddings).
 
 Attention masking is expressed with two per-token integer arrays:
   segment_ids [batch, seq]: tokens attend only within their own segment; 0 marks padding
@@ -11,6 +14,8 @@ are ordinary jitted functions.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -25,12 +30,44 @@ from llava_jax.models.partitioning import (BATCH, HEAD_DIM, HEADS, KV_HEADS, LEN
 Array = jax.Array
 
 
-def rotary_tables(positions: Array, head_dim: int, theta: float,
-                  scaling_factor: float | None) -> tuple[Array, Array]:
+def rope_inv_freq(config: TextConfig, positions: Array) -> Array:
+    """Rotary inverse frequencies [head_dim / 2] float32, as transformers' rope init functions
+    compute them for config.rope_scaling_type (positions [b, s]: only 'dynamic' reads them)."""
+    head_dim, theta = config.resolved_head_dim, config.rope_theta
+    exponent = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
+    inv_freq = 1.0 / (theta ** exponent)
+    factor = config.rope_scaling_factor
+    if factor is None:
+        return inv_freq
+    kind = config.rope_scaling_type
+    if kind == "linear":  # positions are divided by the factor
+        return inv_freq / factor
+    if kind == "llama3":
+        # Llama 3.1: long wavelengths slowed by `factor`, short ones kept, a smooth ramp between.
+        context = (config.rope_original_max_position_embeddings
+                   or config.max_position_embeddings)
+        low, high = config.rope_low_freq_factor, config.rope_high_freq_factor
+        wavelength = 2 * math.pi / inv_freq
+        scaled = jnp.where(wavelength > context / low, inv_freq / factor, inv_freq)
+        smooth = (context / wavelength - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelength < context / high) & ~(wavelength > context / low)
+        return jnp.where(medium, smoothed, scaled)
+    if kind == "dynamic":
+        # NTK-aware: past max_position_embeddings the base grows with the length the call
+        # reaches (max position + 1 over the batch, as transformers' dynamic update); below
+        # it the plain frequencies, exactly.
+        limit = config.max_position_embeddings
+        length = (jnp.max(positions) + 1).astype(jnp.float32)
+        base = theta * ((factor * jnp.maximum(length, limit) / limit) - (factor - 1)) ** (
+            head_dim / (head_dim - 2))
+        return jnp.where(length > limit, 1.0 / (base ** exponent), inv_freq)
+    raise ValueError(f"text.rope_scaling_type={kind!r} is not supported.")
+
+
+def rotary_tables(positions: Array, config: TextConfig) -> tuple[Array, Array]:
     """positions [batch, seq] -> (cos, sin) [batch, seq, head_dim], float32 (HF layout)."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    if scaling_factor is not None:  # 'linear' scaling: positions are divided by the factor
-        inv_freq = inv_freq / scaling_factor
+    inv_freq = rope_inv_freq(config, positions)
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq
     angles = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(angles), jnp.sin(angles)
@@ -52,11 +89,15 @@ class LlamaAttention(nnx.Module):
     def __init__(self, config: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs,
                  attention: str = "auto"):
         head_dim = config.resolved_head_dim
-        kw = dict(use_bias=config.attention_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.q_proj = Dense(config.hidden_size, config.num_heads * head_dim, **kw)
-        self.k_proj = Dense(config.hidden_size, config.num_kv_heads * head_dim, **kw)
-        self.v_proj = Dense(config.hidden_size, config.num_kv_heads * head_dim, **kw)
-        self.o_proj = Dense(config.num_heads * head_dim, config.hidden_size, **kw)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        qkv_bias = config.attention_bias or config.qkv_bias  # Qwen2: q/k/v only
+        self.q_proj = Dense(config.hidden_size, config.num_heads * head_dim, use_bias=qkv_bias, **kw)
+        self.k_proj = Dense(config.hidden_size, config.num_kv_heads * head_dim, use_bias=qkv_bias,
+                            **kw)
+        self.v_proj = Dense(config.hidden_size, config.num_kv_heads * head_dim, use_bias=qkv_bias,
+                            **kw)
+        self.o_proj = Dense(config.num_heads * head_dim, config.hidden_size,
+                            use_bias=config.attention_bias, **kw)
         self.num_heads, self.num_kv_heads, self.head_dim = (
             config.num_heads, config.num_kv_heads, head_dim)
         self.dtype = dtype
@@ -189,14 +230,14 @@ class LlamaModel(nnx.Module):
           logits float32 [b, s, vocab] (or hidden), and the updated cache when one was given.
         """
         config = self.config
-        cos, sin = rotary_tables(positions, config.resolved_head_dim, config.rope_theta,
-                                 config.rope_scaling_factor)
+        cos, sin = rotary_tables(positions, config)
         if cache is None:
-            mask = AttentionMask.for_sequence(segment_ids)
+            mask = AttentionMask.for_sequence(segment_ids, config.sliding_window)
         else:
             kv_segments = jax.lax.dynamic_update_slice(
                 cache["segment_ids"], segment_ids.astype(jnp.int32), (0, cache_index))
-            mask = AttentionMask.for_cache(segment_ids, kv_segments, cache_index)
+            mask = AttentionMask.for_cache(segment_ids, kv_segments, cache_index,
+                                           config.sliding_window)
 
         if layers is None:
             def body(layer, h, layer_cache):

@@ -1,4 +1,5 @@
-"""LlavaModel: CLIP features -> projector -> spliced into the token embeddings -> LLaMA.
+"""LlavaModel: CLIP or SigLIP features -> projector -> spliced into the token embeddings -> the
+LLaMA-style decoder (Llama / Mistral / Qwen2).
 
 Input convention (transformers' LLaVA): every image occupies `num_image_tokens`
 consecutive positions holding `image_token_index` in `input_ids`. The k-th placeholder of
@@ -19,6 +20,7 @@ from llava_jax.models.config import LlavaConfig, jnp_dtype
 from llava_jax.models.llama import LlamaModel
 from llava_jax.models.partitioning import RESIDUAL, constrain
 from llava_jax.models.projector import Projector
+from llava_jax.models.siglip import SiglipVisionTower
 
 Array = jax.Array
 
@@ -26,7 +28,9 @@ Array = jax.Array
 class LlavaModel(nnx.Module):
     def __init__(self, config: LlavaConfig, *, rngs: nnx.Rngs):
         self.config = config
-        self.vision_tower = CLIPVisionTower(config, rngs=rngs)
+        tower = (SiglipVisionTower if config.vision.model_type == "siglip_vision_model"
+                 else CLIPVisionTower)
+        self.vision_tower = tower(config, rngs=rngs)
         self.multi_modal_projector = Projector(config, rngs=rngs)
         self.language_model = LlamaModel(
             config.text, dtype=jnp_dtype(config.dtype), param_dtype=jnp_dtype(config.param_dtype),

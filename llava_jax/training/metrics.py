@@ -69,7 +69,7 @@ def train_step_flops(config: LlavaConfig, batch_rows: int, seq_len: int, images_
     flops = 0.0
     if with_images:
         images = batch_rows * images_per_row
-        tokens_v = vision.num_patches + 1
+        tokens_v = vision.num_positions
         dv, layers_v = vision.hidden_size, max(l % (vision.num_layers + 1)
                                                for l in config.feature_layers)
         per_layer = 2 * tokens_v * (4 * dv * dv + 2 * dv * vision.intermediate_size)
