@@ -95,7 +95,7 @@ def build_setup(c, model_config: LlavaConfig, mesh, total_steps: int) -> TrainSe
     leaves are held in the compute dtype (model.dtype): the base never updates, so float32
     master copies would only double its memory.
     """
-    adapters = lora_settings(c)
+    adapters = run_adapters(c)
     if adapters is None:
         graphdef, abstract = abstract_params(model_config)
     else:
@@ -137,6 +137,23 @@ def build_setup(c, model_config: LlavaConfig, mesh, total_steps: int) -> TrainSe
         trainable_shardings=trainable_shardings, frozen_shardings=frozen_shardings, tx=tx,
         schedule=schedule, abstract_opt=abstract_opt, opt_shardings=opt_shardings,
         batch_sharding=batch_sharding, train_step=train_step, lora=adapters)
+
+
+def run_adapters(c) -> lora.LoraConfig | None:
+    """The run's adapters: config.lora, or, when model.base_dir is a LoRA model directory (an
+    imported PEFT adapter, an earlier LoRA run), the adapters stored there (rank, alpha,
+    targets, quantization; dropout stays config.lora's), which the run continues."""
+    adapters = lora_settings(c)
+    if adapters is None or not c.model.base_dir:
+        return adapters
+    stored = ckpt.read_lora_config(c.model.base_dir)
+    if stored is None:
+        return adapters
+    continued = dataclasses.replace(stored, dropout=adapters.dropout)
+    if continued != adapters:
+        logging.warning("LoRA: continuing the adapters of %s (%s), not config.lora's (%s)",
+                        c.model.base_dir, continued.to_dict(), adapters.to_dict())
+    return continued
 
 
 def _keep_scales_float32(abstract: dict) -> dict:
@@ -276,11 +293,7 @@ def _base_params(c, model_config: LlavaConfig, abstract: dict, shardings: dict) 
 def _lora_initial_params(c, model_config: LlavaConfig, setup: TrainSetup) -> dict:
     adapters = setup.lora
     if c.model.base_dir:
-        stored = ckpt.read_lora_config(c.model.base_dir)
-        if stored is not None:  # a LoRA model directory: continue its adapters
-            if stored != adapters:
-                config_error("lora", adapters.to_dict(), f"model.base_dir={c.model.base_dir} holds "
-                             f"adapters {stored.to_dict()}; set config.lora to match them")
+        if ckpt.read_lora_config(c.model.base_dir) is not None:  # continue its adapters
             params = ckpt.load_params(c.model.base_dir,
                                       with_shardings(setup.abstract, setup.shardings))
             if c.model.projector:
