@@ -264,7 +264,7 @@ def initial_params(c, model_config: LlavaConfig, setup: TrainSetup) -> dict:
     quantizes their base kernels), or continues from a LoRA model directory's."""
     if setup.lora is not None:
         return _lora_initial_params(c, model_config, setup)
-    return _base_params(c, model_config, abstract, shardings)
+    return _base_params(c, model_config, setup.abstract, setup.shardings)
 
 
 def _base_params(c, model_config: LlavaConfig, abstract: dict, shardings: dict) -> dict:
