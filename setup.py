@@ -31,6 +31,7 @@ setup(
         "pillow>=10.0",
         "tqdm>=4.66",
         "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
+        "qwix>=0.1.8",  # int8 / nf4 storage of a QLoRA run's frozen base (models/lora.py)
     ],
     extras_require={
         "torch": [TORCH],
@@ -41,6 +42,7 @@ setup(
             TORCH,
             "scikit-image>=0.22",
             "easy-vqa>=1.0",  # a public shapes VQA set (22 MB): configs/demo.py:easy_vqa
+            "peft==0.21.2",  # LoRA adapters in PyTorch: the export / import parity tests
             *SERVE,
         ],
         "serve": SERVE,

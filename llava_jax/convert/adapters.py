@@ -118,6 +118,12 @@ def write_peft_adapter(input_dir: str, output_dir: str, *, dtype: str | None = N
         raise ValueError(f"--dtype={dtype!r}; use one of {sorted(_NP_DTYPES)}.")
     if output.exists() and not overwrite:
         raise FileExistsError(f"{output} already exists; pass --overwrite to replace it.")
+    extra = _other_trained_leaves(input_dir, reader.stored)
+    if extra:
+        raise CheckpointError(
+            f"{input_dir} also trained {len(extra)} leaves besides the adapters and the projector "
+            f"(config.trainable; e.g. {extra[:3]}), which this adapter export does not carry: "
+            "export the merged model instead (jax-to-hf without --adapter-only).")
     specs = _specs_by_path(config)
     tensors, patterns = {}, set()
     for module in reader.modules:
@@ -166,6 +172,22 @@ def write_peft_adapter(input_dir: str, output_dir: str, *, dtype: str | None = N
                     "(merge with jax-to-hf for the exact trained model)", input_dir,
                     adapters.base_quantization)
     return output
+
+
+def _other_trained_leaves(input_dir, stored_paths) -> list[str]:
+    """Stored leaves a run's `config.trainable` override trained beyond adapters + projector."""
+    path = Path(input_dir) / "train_config.json"
+    if not path.exists():
+        return []
+    try:
+        pattern = json.loads(path.read_text()).get("trainable") or ""
+    except ValueError as e:
+        raise CheckpointError(f"{path}: malformed JSON ({e}).") from e
+    if not pattern:
+        return []
+    trained = re.compile(pattern)
+    return sorted(p for p in stored_paths if trained.search(p) and not p.startswith(PROJECTOR)
+                  and not re.search(lora.ADAPTER_LEAVES, p))
 
 
 # ----- import: PEFT adapter directory (or the original's release) -----
