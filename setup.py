@@ -33,6 +33,7 @@ setup(
         "tqdm>=4.66",
         "httpx>=0.27",  # the OpenAI-compatible client of datagen and the LLaVA-Bench judge
         "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
+        "qwix>=0.1.8",  # int8 / nf4 storage of a QLoRA run's frozen base (models/lora.py)
     ],
     extras_require={
         "torch": [TORCH],
@@ -43,6 +44,7 @@ setup(
             TORCH,
             "scikit-image>=0.22",
             "easy-vqa>=1.0",  # a public shapes VQA set (22 MB): configs/demo.py:easy_vqa
+            "peft==0.21.2",  # LoRA adapters in PyTorch: the export / import parity tests
             *SERVE,
         ],
         "serve": SERVE,

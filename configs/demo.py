@@ -14,6 +14,8 @@ Measured accuracy and the experiments behind every setting: BUILD_NOTES.md, "Dem
                                           form, ~40% yes/no; data.demo.prepare_multiround)
     --config=configs/demo.py:easy_vqa     the same on easy-VQA (pip install easy-vqa: data we
                                           did not make; data/easy_vqa.py)
+    --config=configs/demo.py:lora         stage 2 with LoRA adapters (rank 32) on the stage-1
+                                          LLM instead of full training (BUILD_NOTES.md, "LoRA")
 BUILD_NOTES.md, "Multi-round demo and the collapse of mixed question types".
 """
 
@@ -78,8 +80,9 @@ def get_config(arg: str | None = None):
     """No arg: the single-round demo. "multiround": the same recipe on the demo's multi-round
     variant (mix665k form: all questions about an image in one conversation, ~40% yes/no,
     text-only conversations; data.demo.prepare_multiround), evaluated on single questions."""
-    if arg not in (None, "", "multiround", "easy_vqa"):
-        raise ValueError(f"configs/demo.py:{arg}: use no argument, 'multiround' or 'easy_vqa'.")
+    if arg not in (None, "", "multiround", "easy_vqa", "lora"):
+        raise ValueError(f"configs/demo.py:{arg}: use no argument, 'multiround', 'easy_vqa' or "
+                         "'lora'.")
     multiround = arg in ("multiround", "easy_vqa")
     # Only the paths: the trainer generates the data on first use.
     if arg == "easy_vqa":
@@ -93,6 +96,8 @@ def get_config(arg: str | None = None):
     config.stage2 = _stage(2, data)
     if multiround:
         _multiround(config, arg)
+    if arg == "lora":
+        _lora(config.stage2)
     config.eval = ml_collections.ConfigDict()
     config.eval.file = data["eval_file"]  # held-out questions with one-word answers
     config.eval.image_root = data["image_root"]  # their images
@@ -116,3 +121,14 @@ def _multiround(config: ml_collections.ConfigDict, arg: str) -> None:
         config.stage2.data.buckets = (512,)
         config.stage2.data.max_length = 512
         config.stage2.optim.global_batch_size = 8  # 512-token rows: ~16 images a step
+
+
+def _lora(stage2: ml_collections.ConfigDict) -> None:
+    """Stage 2 as the original's finetune_lora.sh does it: adapters on every projection of the
+    LLM's layers, the projector fully trained, the rest frozen; a higher lr for the adapters
+    (their B starts at zero), the full-training lr for the projector."""
+    stage2.lora.rank = 32  # of the LLM's width 256 (the 7B recipe: 128 of 4096)
+    stage2.lora.alpha = 64.0  # alpha = 2 x rank, as the recipe's 256 / 128
+    stage2.lora.dropout = 0.05
+    stage2.optim.learning_rate = 3e-3
+    stage2.lora.projector_learning_rate = 1e-3  # stage 2's full-training lr

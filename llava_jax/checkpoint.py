@@ -10,7 +10,9 @@ A model directory is self-describing:
 
 A training workdir holds `llava_config.json` and `tokenizer/` at its top and an orbax
 `CheckpointManager` directory `checkpoints/<step>/params/` (plus optimizer and data state);
-`load_pretrained` accepts either.
+`load_pretrained` accepts either. A LoRA run's workdir (or an imported PEFT adapter's model
+directory) also holds `lora_config.json` (models/lora.py's LoraConfig): its params are the
+adapted model's (base kernels, or their int8 / nf4 codes, plus `lora_a` / `lora_b`).
 
 Writes are atomic: everything goes to `<dir>.incomplete` first and is renamed at the end,
 so an interrupted conversion never leaves a directory that looks complete.
@@ -33,7 +35,8 @@ import orbax.checkpoint.experimental.v1 as ocp1
 from flax import nnx
 
 from llava_jax.data.tokenize import load_tokenizer as load_tokenizer_dir
-from llava_jax.models.config import LlavaConfig
+from llava_jax.models import lora
+from llava_jax.models.config import LlavaConfig, jnp_dtype
 from llava_jax.models.llava import abstract_params
 from llava_jax.tree import flat_path, unflatten
 
@@ -41,6 +44,7 @@ CONFIG_FILE = "llava_config.json"
 TOKENIZER_DIR = "tokenizer"
 PARAMS_DIR = "params"
 CHECKPOINTS_DIR = "checkpoints"
+LORA_FILE = "lora_config.json"
 
 
 class CheckpointNotFoundError(FileNotFoundError):
@@ -136,6 +140,21 @@ def read_config(path: str | os.PathLike) -> LlavaConfig:
         raise ValueError(f"{config_path}: invalid model config ({e}).") from e
 
 
+def read_lora_config(path: str | os.PathLike) -> lora.LoraConfig | None:
+    """The adapters of a LoRA workdir / model directory, or None for a plain model."""
+    lora_path = Path(path) / LORA_FILE
+    if not lora_path.exists():
+        return None
+    try:
+        return lora.LoraConfig.from_dict(json.loads(lora_path.read_text()))
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{lora_path}: invalid LoRA config ({e}).") from e
+
+
+def write_lora_config(path: str | os.PathLike, config: lora.LoraConfig) -> None:
+    (Path(path) / LORA_FILE).write_text(json.dumps(config.to_dict(), indent=2))
+
+
 def params_directory(path: str | os.PathLike, step: int | None = None) -> Path:
     """The orbax params directory of a model directory or (latest step of) a training workdir."""
     path = Path(path)
@@ -218,7 +237,8 @@ class Pretrained:
 
 
 def load_pretrained(path: str | os.PathLike, dtype: str | None = None, *,
-                    param_dtype: str | None = None, step: int | None = None) -> Pretrained:
+                    param_dtype: str | None = None, step: int | None = None,
+                    merge_lora: bool = True) -> Pretrained:
     """Loads a model directory (or training workdir) into a ready-to-call LlavaModel.
 
     Args:
@@ -226,6 +246,9 @@ def load_pretrained(path: str | os.PathLike, dtype: str | None = None, *,
       dtype: compute dtype ('float32', 'bfloat16'); default: the checkpoint's.
       param_dtype: parameter dtype in memory; default: `dtype` if given, else the checkpoint's.
       step: for a training workdir, which step (default: latest).
+      merge_lora: for a LoRA workdir / model directory: fold the adapters into the kernels
+        (in float32, then `param_dtype`; a plain model, as fast as the base), or keep them
+        as `LoraDense` modules (quantized bases stay quantized).
     Returns:
       Pretrained(model, config, tokenizer). `model(input_ids, pixel_values=None,
       attention_mask=None)` returns float32 logits [batch, seq, vocab].
@@ -236,7 +259,15 @@ def load_pretrained(path: str | os.PathLike, dtype: str | None = None, *,
         config = config.replace(dtype=dtype, param_dtype=param_dtype or dtype)
     elif param_dtype is not None:
         config = config.replace(param_dtype=param_dtype)
-    graphdef, abstract = abstract_params(config)
-    params = load_params(path, abstract, step=step)
+    adapters = read_lora_config(path)
+    if adapters is None:
+        graphdef, abstract = abstract_params(config)
+        params = load_params(path, abstract, step=step)
+    else:
+        graphdef, abstract = lora.abstract_lora_params(config, adapters)
+        params = load_params(path, abstract, step=step)
+        if merge_lora:
+            params = lora.merge_params(params, adapters, jnp_dtype(config.param_dtype))
+            graphdef = abstract_params(config)[0]
     model = nnx.merge(graphdef, jax.tree.map(jax.numpy.asarray, params))
     return Pretrained(model=model, config=config, tokenizer=load_tokenizer(path))

@@ -59,6 +59,19 @@ DEFAULT_PARAM_RULES = (
     # moves ~2x less data. tests/test_sharding.py compares every gradient on 8 devices with 1.
     (r"multi_modal_projector/linear_\d*[02468]/kernel$", "mlp,embed"),
     (r"multi_modal_projector/linear_\d+/kernel$", "embed,mlp"),
+    # LoRA (models/lora.py): A [in, rank] splits like its kernel's input dim, B [rank, out]
+    # like its output dim; quantized codes [in (/ 2), out] and scales [blocks, out] like the
+    # kernel (a dim the mesh does not divide stays whole).
+    (r"(q|k|v|gate|up)_proj/lora_a$|layers/fc1/lora_a$", "embed,_"),
+    (r"(o|out)_proj/lora_a$", "heads,_"),
+    (r"down_proj/lora_a$|layers/fc2/lora_a$", "mlp,_"),
+    (r"self_attn/(q|k|v)_proj/lora_b$", "_,heads"),
+    (r"(o|out|down)_proj/lora_b$|layers/fc2/lora_b$", "_,embed"),
+    (r"mlp/(gate|up)_proj/lora_b$|layers/fc1/lora_b$", "_,mlp"),
+    (r"self_attn/(q|k|v)_proj/kernel_(codes|scale)$", "embed,heads"),
+    (r"self_attn/(o|out)_proj/kernel_(codes|scale)$", "heads,embed"),
+    (r"mlp/(gate|up)_proj/kernel_(codes|scale)$|layers/fc1/kernel_(codes|scale)$", "embed,mlp"),
+    (r"mlp/down_proj/kernel_(codes|scale)$|layers/fc2/kernel_(codes|scale)$", "mlp,embed"),
     (r"patch_embedding$", "_,_,_,embed"),  # [kh, kw, channels, d]
     (r"position_embedding$", "_,embed"),
     (r".*", ""),  # norms, other biases, class embedding: replicated (small)

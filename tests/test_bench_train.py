@@ -14,8 +14,12 @@ def test_bench_train_runs_both_sides_from_the_same_weights(capsys):
 
     result = bench_train.main(["--dtypes=float32", "--repeats=1", "--warmup=0"])
     rows = {row["side"]: row for row in result["rows"]}
-    assert set(rows) == {"llava_jax", "torch"}
+    assert set(rows) == {"llava_jax", "torch", "llava_jax+lora"}
     assert rows["llava_jax"]["first_loss"] == pytest.approx(rows["torch"]["first_loss"], abs=2e-4)
+    # LoRA starts as the base model (B = 0) and holds no optimizer state for the LLM's weights.
+    assert rows["llava_jax+lora"]["first_loss"] == pytest.approx(rows["llava_jax"]["first_loss"],
+                                                                 abs=1e-6)
+    assert rows["llava_jax+lora"]["peak_bytes"] < rows["llava_jax"]["peak_bytes"]
     # The LM head runs on the labelled half of each row: fewer executed than model FLOPs.
     assert result["llava_jax_executed_flops_per_step"] < result["model_flops_per_step"]
     assert result["speedup_best"] == pytest.approx(result["speedup_float32"])

@@ -15,6 +15,12 @@ Model FLOPs count the LM head on every position (the standard definition); llava
 only on the positions with a target (half of them here, `lm_head_target_fraction`), so
 "HFU" (the FLOPs llava_jax actually executes / time / peak) is printed next to it.
 
+A third side, "llava_jax+lora" (`--lora_rank`, default 16 = the recipe's 128 / 4096 of the
+width; 0 = off), trains the same model with LoRA adapters on the LLM's projections and the
+projector (the frozen base held in the compute dtype), from the same weights: its first loss
+equals llava_jax's (B starts at zero). "peak GiB" is the compiled step's buffer plan (arguments
++ temporaries + outputs - donated), the same figure memory_plan reports; torch has none.
+
 `python -m llava_jax.bench train --parity [--stages=1,2] [--steps=50] ...` runs the training
 parity check instead (llava_jax/bench/parity.py: 50 steps against transformers +
 torch.optim.AdamW; exits 1 when a tolerance is exceeded).
@@ -37,6 +43,7 @@ from flax import nnx
 from llava_jax import sharding
 from llava_jax.bench import common, parity
 from llava_jax.models.config import LlavaConfig, TextConfig, VisionConfig
+from llava_jax.models import lora
 from llava_jax.models.llava import abstract_params
 from llava_jax.training import metrics, optim
 from llava_jax.training.config import default_config
@@ -74,9 +81,11 @@ def make_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 class JaxSide:
-    def __init__(self, dtype: str, params: dict | None):
+    def __init__(self, dtype: str, params: dict | None, lora_rank: int = 0):
         self.config = bench_config(dtype)
         train_config = default_config(stage=2)
+        if lora_rank:
+            train_config.lora.rank, train_config.lora.alpha = lora_rank, 2.0 * lora_rank
         train_config.loss_chunk_size = 0
         # Positions per row the LM head runs on (every target fits: half the row has labels).
         self.lm_head_rows = lm_head_capacity(SEQ, train_config.lm_head_target_fraction)
@@ -87,11 +96,24 @@ class JaxSide:
         if params is None:
             params = random_params(self.config, 0, self.setup.shardings)
         self.params = params
-        self.trainable, self.frozen = optim.split_params(params, optim.STAGE_TRAINABLE[2])
+        if lora_rank:  # the same base weights, adapters added (B = 0)
+            model = _as_model(self.config, params)
+            lora.apply_lora(model, self.setup.lora, adapter_dtype=jnp.float32)
+            params = jax.tree.map(lambda x, a: jnp.asarray(x, a.dtype),
+                                  nnx.to_pure_dict(nnx.state(model, nnx.Param)),
+                                  self.setup.abstract)
+        self.trainable, self.frozen = self.setup.split(params)
         self.trainable = jax.tree.map(lambda x: x.copy(), self.trainable)  # donated each step
         self.opt_state = jax.jit(self.setup.tx.init)(self.trainable)
         batch = make_batch(self.config)
         self.batch = {k: jax.device_put(v[None]) for k, v in batch.items()}
+
+    def peak_bytes(self) -> int:
+        """The compiled step's buffer plan: arguments + temporaries + outputs - donated."""
+        memory = self.setup.train_step.lower(self.trainable, self.frozen, self.opt_state,
+                                             self.batch).compile().memory_analysis()
+        return (memory.argument_size_in_bytes + memory.temp_size_in_bytes
+                + memory.output_size_in_bytes - memory.alias_size_in_bytes)
 
     def __call__(self) -> float:
         start = time.perf_counter()
@@ -168,6 +190,8 @@ def parse_args(argv):
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--json", default="", help="also write the results here")
+    parser.add_argument("--lora_rank", type=int, default=16,
+                        help="rank of the llava_jax+lora side (0 = no LoRA side)")
     parser.add_argument("--parity", action="store_true",
                         help="instead: training parity with PyTorch (llava_jax.bench.parity; "
                         "see `--parity --help` for its flags)")
@@ -192,6 +216,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for dtype in dtypes:
         sides[("llava_jax", dtype)] = reference if dtype == "float32" else JaxSide(dtype, shared)
         sides[("torch", dtype)] = TorchSide(dtype, shared)
+        if args.lora_rank:
+            sides[("llava_jax+lora", dtype)] = JaxSide(dtype, shared, args.lora_rank)
     for side in sides.values():
         for _ in range(args.warmup):
             side()
@@ -215,16 +241,24 @@ def main(argv: Sequence[str] | None = None) -> dict:
     print(f"measured bf16 matmul peak: {peak / 1e9:.0f} GFLOP/s; model FLOPs/step "
           f"{flops / 1e9:.1f} G (llava_jax executes {executed['llava_jax'] / 1e9:.1f} G: LM head "
           f"on {head_rows} of {SEQ} positions per row)")
-    print(f"{'side':<10} {'dtype':<9} {'s/step':>8} {'tokens/s':>9} {'MFU':>6} {'HFU':>6} "
-          f"{'loss':>8}")
+    print(f"{'side':<15} {'dtype':<9} {'s/step':>8} {'tokens/s':>9} {'MFU':>6} {'HFU':>6} "
+          f"{'loss':>8} {'peak GiB':>9}")
     for key in sides:
         median = statistics.median(times[key])
+        # MFU / HFU count full training's FLOPs; a LoRA step skips the frozen weights'
+        # gradients, so they are not comparable there (left out).
+        full = key[0] in executed
         row = {"side": key[0], "dtype": key[1], "seconds_per_step": median,
-               "tokens_per_s": tokens / median, "mfu": flops / median / peak,
-               "hfu": executed[key[0]] / median / peak, "first_loss": first_loss[key]}
+               "tokens_per_s": tokens / median,
+               "mfu": flops / median / peak if full else None,
+               "hfu": executed[key[0]] / median / peak if full else None,
+               "first_loss": first_loss[key],
+               "peak_bytes": sides[key].peak_bytes() if key[0] != "torch" else None}
         result["rows"].append(row)
-        print(f"{key[0]:<10} {key[1]:<9} {median:8.3f} {row['tokens_per_s']:9.0f} "
-              f"{row['mfu']:6.1%} {row['hfu']:6.1%} {row['first_loss']:8.4f}")
+        percent = lambda x: f"{x:6.1%}" if x is not None else f"{'-':>6}"
+        peak_gib = f"{row['peak_bytes'] / 2**30:9.3f}" if row["peak_bytes"] else f"{'-':>9}"
+        print(f"{key[0]:<15} {key[1]:<9} {median:8.3f} {row['tokens_per_s']:9.0f} "
+              f"{percent(row['mfu'])} {percent(row['hfu'])} {row['first_loss']:8.4f} {peak_gib}")
     median = {key: statistics.median(value) for key, value in times.items()}
     for dtype in dtypes:
         ratio = median[("torch", dtype)] / median[("llava_jax", dtype)]

@@ -4,6 +4,10 @@
   llava-to-jax  --input LLAVA_DIR --vision-tower CLIP_DIR --output MODEL_DIR
                 [--projector mm_projector.bin]            (original LLaVA layout)
   jax-to-hf     --input MODEL_DIR --output HF_DIR         (for transformers / vLLM / ...)
+                [--adapter-only]                          (LoRA: a PEFT adapter directory)
+  peft-to-jax   --input ADAPTER_DIR --base MODEL_DIR --output MODEL_DIR
+                                                          (PEFT / original LoRA adapter)
+A LoRA workdir's jax-to-hf output has the adapters merged into the weights.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import argparse
 import logging
 import sys
 
-from llava_jax.convert import core
+from llava_jax.convert import adapters, core
 from llava_jax.convert.hf_config import ConfigError
 from llava_jax.convert.tensors import CheckpointError
 
@@ -52,14 +56,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("jax-to-hf", help="llava_jax -> transformers LlavaForConditionalGeneration")
     p.add_argument("--input", required=True, help="model directory or training workdir")
     p.add_argument("--max-shard-size-gb", type=float, default=2.0, help="safetensors shard size")
+    p.add_argument("--adapter-only", action="store_true",
+                   help="LoRA workdir: write a PEFT adapter directory (adapter_config.json + "
+                        "adapter_model.safetensors, projector as modules_to_save) instead of "
+                        "the merged model")
+    p.add_argument("--base-model", default=None, help="--adapter-only: base_model_name_or_path "
+                   "to record in adapter_config.json")
     common(p)
+
+    p = sub.add_parser("peft-to-jax", help="PEFT LoRA adapter (or the original's LoRA release) "
+                       "+ converted base -> llava_jax LoRA model directory")
+    p.add_argument("--input", required=True, help="adapter directory (adapter_config.json + "
+                   "adapter_model.{safetensors,bin} [+ non_lora_trainables.bin])")
+    p.add_argument("--base", required=True, help="llava_jax model directory of the base model")
+    p.add_argument("--base-quantization", choices=("none", "int8", "nf4"), default="none",
+                   help="store the adapted base kernels quantized (to continue as QLoRA)")
+    p.add_argument("--output", required=True, help="directory to create")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    progress = not args.no_progress
+    progress = not getattr(args, "no_progress", False)
     try:
         if args.command == "hf-to-jax":
             out = core.hf_to_jax(args.input, args.output, dtype=args.dtype,
@@ -71,6 +91,14 @@ def main(argv=None) -> int:
                                     vision_feature_layer=args.vision_feature_layer,
                                     image_aspect=args.image_aspect, overwrite=args.overwrite,
                                     progress=progress)
+        elif args.command == "peft-to-jax":
+            out = adapters.import_peft_adapter(args.input, args.base, args.output,
+                                               base_quantization=args.base_quantization,
+                                               overwrite=args.overwrite)
+        elif args.adapter_only:
+            out = adapters.write_peft_adapter(args.input, args.output, dtype=args.dtype,
+                                              overwrite=args.overwrite,
+                                              base_model_name_or_path=args.base_model)
         else:
             out = core.jax_to_hf(args.input, args.output, dtype=args.dtype,
                                  overwrite=args.overwrite, progress=progress,

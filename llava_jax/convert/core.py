@@ -293,7 +293,10 @@ def llava_to_jax(input_dir: str, vision_tower_dir: str, output_dir: str, *,
 def jax_to_hf(input_dir: str, output_dir: str, *, dtype: str | None = None,
               overwrite: bool = False, progress: bool = True,
               max_shard_bytes: int = 2 << 30) -> Path:
-    """llava_jax model directory (or training workdir) -> transformers LLaVA directory."""
+    """llava_jax model directory (or training workdir) -> transformers LLaVA directory.
+
+    A LoRA checkpoint (lora_config.json) is written merged: base (dequantized for QLoRA) +
+    (alpha / rank) A @ B per kernel, in float32, then `dtype`."""
     input_dir, output = Path(input_dir), Path(output_dir)
     config = checkpoint.read_config(input_dir)
     dtype_name, np_dtype = _resolve_dtype(dtype, config.param_dtype)
@@ -305,6 +308,13 @@ def jax_to_hf(input_dir: str, output_dir: str, *, dtype: str | None = None,
     stage.mkdir(parents=True)
     try:
         stored = checkpoint.stored_param_dtypes(input_dir)
+        read_leaf = lambda path, shape: checkpoint.load_param_leaf(input_dir, path, shape,
+                                                                   stored[path])
+        adapters = checkpoint.read_lora_config(input_dir)
+        if adapters is not None:  # a LoRA checkpoint: adapters merged in float32
+            from llava_jax.convert.adapters import merged_leaf_reader
+
+            read_leaf = merged_leaf_reader(input_dir, config, adapters)
         specs = _specs(config)
         writer = ShardedSafetensorsWriter(stage, max_shard_bytes)
         writer.plan([(name, _torch_shape(spec), np_dtype) for spec in specs
@@ -312,8 +322,7 @@ def jax_to_hf(input_dir: str, output_dir: str, *, dtype: str | None = None,
         total = sum(len(spec.torch_names) for spec in specs)
         with tqdm(total=total, desc="tensors", unit="tensor", disable=not progress) as bar:
             for spec in specs:
-                array = checkpoint.load_param_leaf(input_dir, spec.path, spec.shape,
-                                                   stored[spec.path])
+                array = read_leaf(spec.path, spec.shape)
                 for i, name in enumerate(spec.torch_names):
                     value = spec.to_torch(array[i] if spec.stacked else array)
                     writer.add(name, cast(value, np_dtype, name))

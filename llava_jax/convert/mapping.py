@@ -213,3 +213,21 @@ def torch_tensors(model) -> dict[str, np.ndarray]:
         for i, name in enumerate(spec.torch_names):
             out[name] = spec.to_torch(array[i] if spec.stacked else array)
     return out
+
+
+# Canonical (safetensors) prefix -> transformers 5 module prefix (`named_modules()` of
+# LlavaForConditionalGeneration: what PEFT adapter keys and target_modules are spelled in).
+TRANSFORMERS_MODULE_PREFIXES = {
+    "language_model.model.": "model.language_model.",
+    "language_model.lm_head.": "lm_head.",
+    "vision_tower.vision_model.": "model.vision_tower.",
+    "multi_modal_projector.": "model.multi_modal_projector.",
+}
+
+
+def transformers_module_name(canonical: str) -> str:
+    """A canonical tensor name's transformers 5 module-path spelling (same suffix)."""
+    for old, new in TRANSFORMERS_MODULE_PREFIXES.items():
+        if canonical.startswith(old):
+            return new + canonical[len(old):]
+    raise KeyError(f"no transformers module prefix for {canonical!r}")

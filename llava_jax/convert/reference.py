@@ -12,13 +12,7 @@ import transformers
 
 from llava_jax.convert import hf_config, mapping
 
-# Canonical (safetensors) prefix -> transformers 5 module prefix.
-TRANSFORMERS_MODULE_PREFIXES = {
-    "language_model.model.": "model.language_model.",
-    "language_model.lm_head.": "lm_head.",
-    "vision_tower.vision_model.": "model.vision_tower.",
-    "multi_modal_projector.": "model.multi_modal_projector.",
-}
+TRANSFORMERS_MODULE_PREFIXES = mapping.TRANSFORMERS_MODULE_PREFIXES
 
 
 def torch_state(tensors: dict, prefixes: dict[str, str]) -> dict:

@@ -13,6 +13,7 @@ import ml_collections
 
 from llava_jax import sharding
 from llava_jax.data import default_data_config, validate_data_config
+from llava_jax.models import lora
 from llava_jax.models.config import DTYPES, REMAT_POLICIES
 from llava_jax.training import optim
 
@@ -45,6 +46,16 @@ def default_config(stage: int = 2) -> ml_collections.ConfigDict:
     # Decoder attention kernel: 'auto' (splash on TPU, cudnn on NVIDIA GPUs, xla / chunked on
     # CPU) | 'xla' | 'chunked' | 'cudnn' | 'splash' (models.config.ATTENTION_IMPLEMENTATIONS)
     c.model.attention = "auto"
+
+    # LoRA / QLoRA (models/lora.py): only the adapters and the projector train; the rest of
+    # the model is frozen, stored in model.dtype (or quantized).
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 0  # adapter rank; 0 = off (full training of the stage's trainable params)
+    c.lora.alpha = 16.0  # the update is scaled by alpha / rank
+    c.lora.dropout = 0.05  # dropout on the adapters' input while training
+    c.lora.targets = lora.DEFAULT_TARGETS  # regex on module paths (default: the LLM's q/k/v/o/gate/up/down)
+    c.lora.projector_learning_rate = 0.0  # peak lr of the (fully trained) projector; 0 = optim.learning_rate
+    c.lora.base_quantization = "none"  # frozen adapted kernels: 'none' | 'int8' | 'nf4' (QLoRA)
 
     c.data = default_data_config(stage)
     c.data.packing = False  # one sample per row: a step holds exactly global_batch_size samples
@@ -144,11 +155,33 @@ def validate_config(c) -> None:
         config_error("loss_chunk_size", c.loss_chunk_size, "must be >= 0")
     if not 0 <= c.lm_head_target_fraction <= 1:
         config_error("lm_head_target_fraction", c.lm_head_target_fraction, "must be in [0, 1]")
+    lora_settings(c)
     try:
         validate_data_config(c.data)
     except ValueError as e:
         raise ValueError(f"config.{e}") from e
     optim.stage_trainable_pattern(c.stage, c.trainable)
+
+
+def lora_settings(c) -> lora.LoraConfig | None:
+    """The run's LoRA settings (None when lora.rank is 0); fails naming the bad field."""
+    settings = c.get("lora")
+    if settings is None or settings.rank == 0:
+        if settings is not None and settings.base_quantization != "none":
+            config_error("lora.base_quantization", settings.base_quantization,
+                         "quantizes the frozen base of a LoRA run: set lora.rank > 0 too")
+        return None
+    if settings.rank < 0:
+        config_error("lora.rank", settings.rank, "use a positive rank, or 0 for no LoRA")
+    if settings.projector_learning_rate < 0:
+        config_error("lora.projector_learning_rate", settings.projector_learning_rate,
+                     "must be >= 0 (0 = optim.learning_rate)")
+    try:
+        return lora.LoraConfig(rank=int(settings.rank), alpha=float(settings.alpha),
+                               dropout=float(settings.dropout), targets=settings.targets,
+                               base_quantization=settings.base_quantization)
+    except ValueError as e:
+        raise ValueError(f"config.{e}") from e
 
 
 def check_mesh_fits(c, mesh) -> None:

@@ -9,6 +9,7 @@ receive no gradient computation for their weights.
 from __future__ import annotations
 
 import math
+import re
 
 import jax
 import optax
@@ -23,9 +24,16 @@ STAGE_TRAINABLE = {
 NO_DECAY_LEAVES = ("bias", "scale")  # biases and norm scales (HF Trainer's rule)
 
 
-def stage_trainable_pattern(stage: int, override: str = "") -> str:
+# A LoRA run (config.lora.rank > 0): the adapters and the projector, in any stage.
+LORA_TRAINABLE = r"(^multi_modal_projector/|/lora_[ab]$)"
+PROJECTOR_GROUP = r"^multi_modal_projector/"  # the leaves lora.projector_learning_rate applies to
+
+
+def stage_trainable_pattern(stage: int, override: str = "", *, lora: bool = False) -> str:
     if override:
         return override
+    if lora:
+        return LORA_TRAINABLE
     if stage not in STAGE_TRAINABLE:
         raise ValueError(f"stage={stage}: use 1 (pretraining) or 2 (instruction tuning).")
     return STAGE_TRAINABLE[stage]
@@ -67,18 +75,43 @@ def make_schedule(optim_config, total_steps: int) -> optax.Schedule:
     raise ValueError(f"optim.schedule={optim_config.schedule!r}: use 'cosine' or 'constant'.")
 
 
-def make_optimizer(optim_config, total_steps: int) -> tuple[optax.GradientTransformation,
-                                                            optax.Schedule]:
+def make_optimizer(optim_config, total_steps: int, *,
+                   projector_learning_rate: float | None = None
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """Clip-by-global-norm then AdamW (decay masked off biases and norms).
 
     Gradient accumulation happens inside the train step (a scan over micro-batches), so the
     optimizer sees one already-averaged gradient per step.
+    projector_learning_rate: the projector's peak lr (the original's mm_projector_lr), on the
+    same warm-up + decay shape; the rest keeps optim.learning_rate. Adam's moments stay one
+    tree: AdamW = scale_by_adam, decay, scale_by_learning_rate, and only the last step differs
+    per group. Returns the optimizer and the main group's schedule.
     """
     schedule = make_schedule(optim_config, total_steps)
     parts = []
     if optim_config.grad_clip_norm > 0:
         parts.append(optax.clip_by_global_norm(optim_config.grad_clip_norm))
-    parts.append(optax.adamw(
-        schedule, b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps,
-        weight_decay=optim_config.weight_decay, mask=decay_mask))
+    if projector_learning_rate is None:
+        parts.append(optax.adamw(
+            schedule, b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps,
+            weight_decay=optim_config.weight_decay, mask=decay_mask))
+        return optax.chain(*parts), schedule
+    projector_schedule = _scaled_schedule(optim_config, total_steps, projector_learning_rate)
+    labels = lambda params: jax.tree_util.tree_map_with_path(
+        lambda kp, _: "projector" if re.search(PROJECTOR_GROUP, tree.flat_path(kp)) else "rest",
+        params)
+    parts += [
+        optax.scale_by_adam(b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps),
+        optax.add_decayed_weights(optim_config.weight_decay, decay_mask),
+        optax.multi_transform({"rest": optax.scale_by_learning_rate(schedule),
+                               "projector": optax.scale_by_learning_rate(projector_schedule)},
+                              labels),
+    ]
     return optax.chain(*parts), schedule
+
+
+def _scaled_schedule(optim_config, total_steps: int, peak: float) -> optax.Schedule:
+    """`make_schedule`'s shape with another peak learning rate."""
+    base = make_schedule(optim_config, total_steps)
+    ratio = peak / optim_config.learning_rate
+    return lambda step: base(step) * ratio

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import warnings
 from typing import Any, Callable
 
 import jax
@@ -29,11 +30,13 @@ from llava_jax import sharding
 from llava_jax.convert.projector import read_projector
 from llava_jax.data import IMAGE_TOKEN, demo, easy_vqa, num_samples
 from llava_jax.data import load_tokenizer as load_tokenizer_dir
+from llava_jax import tree
+from llava_jax.models import lora
 from llava_jax.models.config import LlavaConfig, get_preset, jnp_dtype
 from llava_jax.models.llava import LlavaModel, abstract_params
 from llava_jax.models.projector import Projector
 from llava_jax.training import optim
-from llava_jax.training.config import config_error
+from llava_jax.training.config import config_error, lora_settings
 from llava_jax.training.step import make_train_step
 
 PROJECTOR = "multi_modal_projector"
@@ -63,6 +66,7 @@ class TrainSetup:
     # jitted (trainable, frozen, opt_state, batch) -> (trainable, opt_state, metrics); donates
     # the trainable params and the optimizer state.
     train_step: Callable
+    lora: lora.LoraConfig | None = None  # a LoRA run's adapters (config.lora), else None
 
     def split(self, params: dict) -> tuple[dict, dict]:
         """All parameters -> (trainable, frozen)."""
@@ -85,14 +89,34 @@ class TrainSetup:
 
 
 def build_setup(c, model_config: LlavaConfig, mesh, total_steps: int) -> TrainSetup:
-    """The step's shapes, shardings, optimizer and jitted function for config `c`."""
-    graphdef, abstract = abstract_params(model_config)
+    """The step's shapes, shardings, optimizer and jitted function for config `c`.
+
+    A LoRA run (config.lora.rank > 0) trains the adapters and the projector; its frozen
+    leaves are held in the compute dtype (model.dtype): the base never updates, so float32
+    master copies would only double its memory.
+    """
+    adapters = run_adapters(c)
+    if adapters is None:
+        graphdef, abstract = abstract_params(model_config)
+    else:
+        graphdef, abstract = lora.abstract_lora_params(model_config, adapters)
+    pattern = optim.stage_trainable_pattern(c.stage, c.trainable, lora=adapters is not None)
+    abstract_trainable, abstract_frozen = optim.split_params(abstract, pattern)
+    if adapters is not None:
+        compute = jnp_dtype(model_config.dtype)
+        abstract_frozen = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, compute)
+            if jax.numpy.issubdtype(x.dtype, jax.numpy.floating) else x, abstract_frozen)
+        abstract_frozen = _keep_scales_float32(abstract_frozen)
+        abstract = optim.merge_params(abstract_trainable, abstract_frozen)
     shardings = sharding.param_shardings(
         abstract, mesh, tuple(c.mesh.param_rules), tuple(c.mesh.logical_axis_rules))
-    pattern = optim.stage_trainable_pattern(c.stage, c.trainable)
-    abstract_trainable, abstract_frozen = optim.split_params(abstract, pattern)
     trainable_shardings, frozen_shardings = optim.split_params(shardings, pattern)
-    tx, schedule = optim.make_optimizer(c.optim, total_steps)
+    projector_lr = None
+    if adapters is not None and c.lora.projector_learning_rate > 0:
+        projector_lr = float(c.lora.projector_learning_rate)
+    tx, schedule = optim.make_optimizer(c.optim, total_steps,
+                                        projector_learning_rate=projector_lr)
     abstract_opt = jax.eval_shape(tx.init, abstract_trainable)
     opt_shardings = sharding.state_shardings(abstract_opt, trainable_shardings, mesh)
     batch_sharding = NamedSharding(mesh, P(None, sharding.BATCH_AXES))
@@ -101,7 +125,9 @@ def build_setup(c, model_config: LlavaConfig, mesh, total_steps: int) -> TrainSe
     train_step = jax.jit(
         make_train_step(graphdef, tx, loss_chunk_size=c.loss_chunk_size,
                         lm_head_target_fraction=c.lm_head_target_fraction,
-                        activation_rules=activation_rules),
+                        activation_rules=activation_rules,
+                        dropout_seed=c.seed if adapters is not None and adapters.dropout > 0
+                        else None),
         in_shardings=(trainable_shardings, frozen_shardings, opt_shardings, batch_sharding),
         out_shardings=(trainable_shardings, opt_shardings, NamedSharding(mesh, P())),
         donate_argnums=(0, 2))
@@ -110,7 +136,31 @@ def build_setup(c, model_config: LlavaConfig, mesh, total_steps: int) -> TrainSe
         abstract_trainable=abstract_trainable, abstract_frozen=abstract_frozen,
         trainable_shardings=trainable_shardings, frozen_shardings=frozen_shardings, tx=tx,
         schedule=schedule, abstract_opt=abstract_opt, opt_shardings=opt_shardings,
-        batch_sharding=batch_sharding, train_step=train_step)
+        batch_sharding=batch_sharding, train_step=train_step, lora=adapters)
+
+
+def run_adapters(c) -> lora.LoraConfig | None:
+    """The run's adapters: config.lora, or, when model.base_dir is a LoRA model directory (an
+    imported PEFT adapter, an earlier LoRA run), the adapters stored there (rank, alpha,
+    targets, quantization; dropout stays config.lora's), which the run continues."""
+    adapters = lora_settings(c)
+    if adapters is None or not c.model.base_dir:
+        return adapters
+    stored = ckpt.read_lora_config(c.model.base_dir)
+    if stored is None:
+        return adapters
+    continued = dataclasses.replace(stored, dropout=adapters.dropout)
+    if continued != adapters:
+        logging.warning("LoRA: continuing the adapters of %s (%s), not config.lora's (%s)",
+                        c.model.base_dir, continued.to_dict(), adapters.to_dict())
+    return continued
+
+
+def _keep_scales_float32(abstract: dict) -> dict:
+    """Quantization scales stay float32 (a bf16 scale would add ~0.4 % error per weight)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda kp, x: jax.ShapeDtypeStruct(x.shape, jax.numpy.float32)
+        if tree.flat_path(kp).endswith("/kernel_scale") else x, abstract)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -210,23 +260,71 @@ def load_projector(source: str, model_config: LlavaConfig, abstract_projector: d
 def initial_params(c, model_config: LlavaConfig, setup: TrainSetup) -> dict:
     """The parameters a fresh run starts from, sharded: the base model directory's (a random
     projector where it has none, or when `model.reinit_projector`), or a random model; then
-    `model.projector` replaces the projector when set."""
+    `model.projector` replaces the projector when set. A LoRA run adds fresh adapters (and
+    quantizes their base kernels), or continues from a LoRA model directory's."""
+    if setup.lora is not None:
+        return _lora_initial_params(c, model_config, setup)
+    return _base_params(c, model_config, setup.abstract, setup.shardings)
+
+
+def _base_params(c, model_config: LlavaConfig, abstract: dict, shardings: dict) -> dict:
+    """`initial_params` of the plain model, into `abstract`'s dtypes and `shardings`."""
     if c.model.base_dir:
         stored = {name.split("/")[0] for name in ckpt.stored_param_dtypes(c.model.base_dir)}
-        wanted = {k: v for k, v in setup.abstract.items() if k in stored}
+        wanted = {k: v for k, v in abstract.items() if k in stored}
         params = ckpt.load_params(c.model.base_dir, with_shardings(
-            wanted, {k: setup.shardings[k] for k in wanted}), partial=True)
-        missing = set(setup.abstract) - set(params)
+            wanted, {k: shardings[k] for k in wanted}), partial=True)
+        missing = set(abstract) - set(params)
         if missing - {PROJECTOR}:
             config_error("model.base_dir", c.model.base_dir, f"holds no {sorted(missing)} weights")
         if PROJECTOR in missing or c.model.reinit_projector:
-            params[PROJECTOR] = random_params(model_config, c.seed, setup.shardings[PROJECTOR],
+            params[PROJECTOR] = random_params(model_config, c.seed, shardings[PROJECTOR],
                                               projector_only=True)
             logging.info("projector: random initialisation")
     else:
-        params = random_params(model_config, c.seed, setup.shardings)
+        params = random_params(model_config, c.seed, shardings)
     if c.model.projector:
         params[PROJECTOR] = load_projector(c.model.projector, model_config,
-                                           setup.abstract[PROJECTOR], setup.shardings[PROJECTOR])
+                                           abstract[PROJECTOR], shardings[PROJECTOR])
         logging.info("projector: loaded from %s", c.model.projector)
+    return params
+
+
+def _lora_initial_params(c, model_config: LlavaConfig, setup: TrainSetup) -> dict:
+    adapters = setup.lora
+    if c.model.base_dir:
+        if ckpt.read_lora_config(c.model.base_dir) is not None:  # continue its adapters
+            params = ckpt.load_params(c.model.base_dir,
+                                      with_shardings(setup.abstract, setup.shardings))
+            if c.model.projector:
+                params[PROJECTOR] = load_projector(c.model.projector, model_config,
+                                                   setup.abstract[PROJECTOR],
+                                                   setup.shardings[PROJECTOR])
+            logging.info("LoRA: adapters loaded from %s", c.model.base_dir)
+            return params
+    # The plain model's leaves in the dtypes the LoRA run keeps them in.
+    mesh = jax.tree.leaves(setup.shardings)[0].mesh
+    plain_graphdef, plain_abstract = abstract_params(model_config)
+    dtypes = {path: leaf.dtype for path, leaf in tree.flatten(setup.abstract).items()}
+    compute = jnp_dtype(model_config.dtype)  # a kernel quantized in the LoRA tree
+    plain_abstract = tree.unflatten({
+        path: jax.ShapeDtypeStruct(leaf.shape, dtypes.get(path, compute))
+        for path, leaf in tree.flatten(plain_abstract).items()})
+    plain_shardings = sharding.param_shardings(
+        plain_abstract, mesh, tuple(c.mesh.param_rules), tuple(c.mesh.logical_axis_rules))
+    base = _base_params(c, model_config, plain_abstract, plain_shardings)
+    param_dtype = jnp_dtype(model_config.param_dtype)
+
+    def attach(base):
+        base = jax.tree.map(lambda x, a: x.astype(a.dtype), base, plain_abstract)
+        model = nnx.merge(plain_graphdef, base)
+        lora.apply_lora(model, adapters, seed=c.seed, adapter_dtype=param_dtype)
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        return jax.tree.map(lambda x, a: x.astype(a.dtype), params, setup.abstract)
+
+    with warnings.catch_warnings():  # quantized kernels change dtype: their buffers cannot be reused
+        warnings.filterwarnings("ignore", "Some donated buffers were not usable")
+        params = jax.jit(attach, out_shardings=setup.shardings, donate_argnums=0)(base)
+    logging.info("LoRA: rank %d adapters on %d modules, base %s", adapters.rank,
+                 len(lora.adapted_modules(params)), adapters.base_quantization)
     return params

@@ -13,12 +13,13 @@ from flax import nnx
 
 from llava_jax import sharding, tree
 from llava_jax.data.tokenize import IGNORE_INDEX
-from llava_jax.models import partitioning
+from llava_jax.models import lora, partitioning
 from llava_jax.training.loss import shifted_targets, target_loss_sum
 
 
 def make_train_step(graphdef, tx, *, loss_chunk_size: int, lm_head_target_fraction: float = 0.0,
-                    activation_rules=sharding.DEFAULT_ACTIVATION_RULES):
+                    activation_rules=sharding.DEFAULT_ACTIVATION_RULES,
+                    dropout_seed: int | None = None):
     """(trainable, frozen, opt_state, batch) -> (trainable, opt_state, metrics).
 
     batch leaves are [accum, rows, ...]; pixel_values/image_mask are absent for text-only
@@ -27,10 +28,16 @@ def make_train_step(graphdef, tx, *, loss_chunk_size: int, lm_head_target_fracti
     activation_rules: (logical activation axis, mesh axes) pairs the model's sharding
     constraints follow when the step is traced under `jax.set_mesh` (models/partitioning.py);
     () or None = no constraints. They change placement and collectives, never the numbers.
+    dropout_seed: LoRA dropout on (models/lora.py), masks from key(seed) folded with the
+    optimizer's step count (so a resumed run draws the same masks) and the micro-batch.
     """
 
-    def micro_loss(trainable, frozen, micro, num_targets):
+    def micro_loss(trainable, frozen, micro, num_targets, dropout_key):
         model = nnx.merge(graphdef, tree.merge(trainable, frozen))
+        with lora.dropout_key(dropout_key):
+            return _loss(model, micro, num_targets)
+
+    def _loss(model, micro, num_targets):
         hidden = model(micro["input_ids"], micro.get("pixel_values"),
                        segment_ids=micro["segment_ids"], positions=micro["positions"],
                        image_mask=micro.get("image_mask"), return_hidden=True)
@@ -52,9 +59,15 @@ def make_train_step(graphdef, tx, *, loss_chunk_size: int, lm_head_target_fracti
         num_targets = jnp.maximum(
             jnp.sum(shifted_targets(batch["labels"]) != IGNORE_INDEX), 1).astype(jnp.float32)
 
+        step_key = None
+        if dropout_seed is not None:
+            count = optax.tree_utils.tree_get_all_with_path(opt_state, "count")[0][1]
+            step_key = jax.random.fold_in(jax.random.key(dropout_seed), count)
+
         def micro_grads(index):  # float32 sums, whatever the param dtype
             micro = jax.tree.map(lambda x: x[index], batch)
-            loss, grads = grad_fn(trainable, frozen, micro, num_targets)
+            key = None if step_key is None else jax.random.fold_in(step_key, index)
+            loss, grads = grad_fn(trainable, frozen, micro, num_targets, key)
             return jax.tree.map(lambda x: x.astype(jnp.float32), (loss, grads))
 
         accum_steps = jax.tree.leaves(batch)[0].shape[0]

@@ -7,7 +7,7 @@ step in step.py, the config schema in config.py.
 
 Workdir layout (what `checkpoint.load_pretrained(WORKDIR)` and `llava_jax.convert` read):
 
-    WORKDIR/llava_config.json, tokenizer/, train_config.json
+    WORKDIR/llava_config.json, tokenizer/, train_config.json (+ lora_config.json: a LoRA run)
     WORKDIR/checkpoints/<step>/{params, opt_state, data, meta}   orbax CheckpointManager
     WORKDIR/checkpoints/<step>.corrupt-<time>/                    a step that did not restore
     WORKDIR/projector/mm_projector.safetensors                   stage 1: original key names
@@ -239,6 +239,8 @@ class Trainer:
         self.tokenizer.save_pretrained(os.path.join(self.workdir, ckpt.TOKENIZER_DIR))
         with open(os.path.join(self.workdir, "train_config.json"), "w") as handle:
             handle.write(self.config.to_json_best_effort(indent=2))
+        if self.setup.lora is not None:  # load_pretrained / convert read the adapted layout
+            ckpt.write_lora_config(self.workdir, self.setup.lora)
 
     # ----- data -----
     def _dataset(self):
