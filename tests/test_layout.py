@@ -27,7 +27,7 @@ ALLOWED = {
     "serve": {"tree", "models", "data", "checkpoint", "inference"},
     # LLM-written instruction data: the data wing's constants and the OpenAI-compatible client
     # (jax-free) that the LLaVA-Bench judge uses too; nothing else of evaluation/.
-    "datagen": {"data", "evaluation.openai_client"},
+    "datagen": {"data", "evaluation.openai_client", "evaluation.jsonl"},
 }
 # Command lines, the benchmarks and the package's lazy entry points may import anything.
 UNRESTRICTED = {"train", "eval", "chat", "memory_plan", "bench", "__init__", "_moved"}

@@ -25,6 +25,7 @@ from typing import Iterator, Sequence
 from llava_jax.datagen.annotations import ImageAnnotation, format_context
 from llava_jax.datagen.parse import parse_reply
 from llava_jax.datagen.prompts import PromptSet, build_messages
+from llava_jax.evaluation.jsonl import read_records, truncate_torn_line
 from llava_jax.evaluation.openai_client import ChatClient, Reply, Request
 
 log = logging.getLogger(__name__)
@@ -33,32 +34,6 @@ log = logging.getLogger(__name__)
 def rejected_path(output: str) -> str:
     stem, _ = os.path.splitext(output)
     return f"{stem}.rejected.jsonl"
-
-
-def truncate_torn_line(path: str) -> None:
-    """Drops a partial last line left by a killed run, so appends start on a fresh line."""
-    if not os.path.exists(path) or not os.path.getsize(path):
-        return
-    with open(path, "rb+") as handle:
-        data = handle.read()
-        if not data.endswith(b"\n"):
-            handle.truncate(data.rfind(b"\n") + 1)
-
-
-def read_records(path: str) -> list[dict]:
-    """The JSON lines of `path` ([] when absent); unreadable lines are skipped."""
-    if not os.path.exists(path):
-        return []
-    records = []
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict):
-                records.append(record)
-    return records
 
 
 def done_keys(path: str) -> set[tuple[str, str]]:

@@ -18,7 +18,7 @@ import random
 from typing import Sequence
 
 from llava_jax.data.conversation import IMAGE_TOKEN
-from llava_jax.datagen.generate import read_records
+from llava_jax.evaluation.jsonl import read_records
 
 
 def _question_key(text: str) -> str:

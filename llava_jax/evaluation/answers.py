@@ -19,6 +19,7 @@ import uuid
 from typing import Callable, Sequence
 
 from llava_jax.evaluation import scorers
+from llava_jax.evaluation.jsonl import truncate_torn_line
 from llava_jax.evaluation.tasks import Question, answer_questions
 
 
@@ -45,16 +46,6 @@ def shard_path(output: str, index: int, count: int) -> str:
     return f"{stem}.{index}-of-{count}{ext or '.jsonl'}"
 
 
-def _truncate_torn_line(path: str) -> None:
-    """Drops a partial last line left by a killed run, so appends start on a fresh line."""
-    if not os.path.exists(path) or not os.path.getsize(path):
-        return
-    with open(path, "rb+") as handle:
-        data = handle.read()
-        if not data.endswith(b"\n"):
-            handle.truncate(data.rfind(b"\n") + 1)
-
-
 def write_answers(model, tokenizer, questions: Sequence[Question], output: str, *,
                   model_id: str, template: str, batch_size: int, max_new_tokens: int,
                   image_root: str | None, progress: bool = True,
@@ -67,7 +58,7 @@ def write_answers(model, tokenizer, questions: Sequence[Question], output: str, 
     fresh answer_id); `skip` holds ids answered elsewhere (the merged file of an earlier
     multi-process run). Generation arguments are those of `tasks.answer_questions`.
     """
-    _truncate_torn_line(output)
+    truncate_torn_line(output)
     answered = done_ids(output) | set(skip)
     todo = [q for q in questions if str(q.question_id) not in answered]
     if not todo:

@@ -34,6 +34,7 @@ import re
 from typing import Any, Iterable, Sequence
 
 from llava_jax.evaluation import scorers
+from llava_jax.evaluation.jsonl import read_records
 from llava_jax.evaluation.openai_client import ChatClient, Counters, Reply, Request
 
 CATEGORIES = ("conversation", "detail", "complex")
@@ -172,22 +173,8 @@ def read_texts(path: str) -> dict[str, str]:
     """{question_id (as str): text} of an answers-like JSONL; the last line of an id wins."""
     if not os.path.exists(path):
         return {}
-    return {str(r["question_id"]): r["text"] for r in _records(path)
+    return {str(r["question_id"]): r["text"] for r in read_records(path)
             if "question_id" in r and isinstance(r.get("text"), str)}
-
-
-def _records(path: str) -> list[dict]:
-    """JSON lines of a file being appended to (a torn or broken line is skipped)."""
-    records = []
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict):
-                records.append(record)
-    return records
 
 
 def reviews_path(output: str) -> str:
@@ -202,7 +189,7 @@ def read_reviews(path: str) -> dict[str, dict]:
     """{question_id (str): the last judgement of it}."""
     if not os.path.exists(path):
         return {}
-    return {str(r["question_id"]): r for r in _records(path) if "question_id" in r}
+    return {str(r["question_id"]): r for r in read_records(path) if "question_id" in r}
 
 
 def _open_append(path: str):
