@@ -152,10 +152,12 @@ def test_llava_bench_cli_with_generated_references(bench, tiny_demo_checkpoint, 
     assert [r["question_id"] for r in references] == [1, 2, 3, 4, 5]
     assert references[0]["text"] == f"Reference answer to: {QUESTIONS[0][2]}"
     assert references[0]["model_id"] == "judge"  # --reference-model defaults to the judge's
-    first_ref = [b for b, _ in server.requests
-                 if b["messages"][0]["content"] == llava_bench.REFERENCE_SYSTEM][0]
-    assert first_ref["messages"][1]["content"] == \
-        f"A dog sits on green grass.\nA brown dog outdoors.\n\n{QUESTIONS[0][2]}"
+    # Requests run concurrently, so they arrive in any order: pick question 1's by its text.
+    reference_prompts = [b["messages"][1]["content"] for b, _ in server.requests
+                         if b["messages"][0]["content"] == llava_bench.REFERENCE_SYSTEM]
+    assert len(reference_prompts) == 5
+    assert f"A dog sits on green grass.\nA brown dog outdoors.\n\n{QUESTIONS[0][2]}" in \
+        reference_prompts
     answers = _lines(bench / "answers.jsonl")
     assert [a["question_id"] for a in answers] == [1, 2, 3, 4, 5]
     assert all("<image>" not in a["prompt"] and a["prompt"] == q[2]
