@@ -1,5 +1,6 @@
 """Shared fixtures: tiny configs, random models, transformers reference models."""
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -141,3 +142,54 @@ def fake_llm():
     yield start
     for server in servers:
         server.close()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_process(checkpoint: str, args: list[str], log: str):
+    """`python -m llava_jax.serve` on a free loopback port, up once /health answers.
+
+    Yields (url, process); the server is terminated (killed after 20 s) on exit.
+    """
+    import subprocess
+    import time
+
+    import httpx
+
+    port = free_port()
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    command = [sys.executable, "-m", "llava_jax.serve", f"--checkpoint={checkpoint}",
+               f"--port={port}", *args]
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                   cwd=REPO_ROOT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 240
+    try:
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"the server exited ({process.returncode}):\n{open(log).read()}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"the server did not come up:\n{open(log).read()}")
+            time.sleep(0.25)
+        yield url, process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

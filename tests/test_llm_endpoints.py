@@ -7,11 +7,7 @@ judgements are -1 / -1 and counted."""
 
 import json
 import os
-import subprocess
-import sys
-import time
 
-import httpx
 import pytest
 
 from llava_jax import eval as llava_eval
@@ -19,6 +15,7 @@ from llava_jax.datagen import __main__ as datagen
 from llava_jax.datagen.parse import parse_reply
 
 # tests/ is on sys.path under pytest; `bench` is a fixture (a question set on disk).
+from conftest import serve_process
 from test_datagen import write_coco
 from test_llava_bench import QUESTIONS, _lines, bench  # noqa: F401
 
@@ -28,49 +25,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = "tiny-llm"
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def endpoint(tiny_demo_checkpoint, tmp_path_factory):
     log = str(tmp_path_factory.mktemp("log") / "server.log")
-    port = _free_port()
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    command = [sys.executable, "-m", "llava_jax.serve", f"--checkpoint={tiny_demo_checkpoint}",
-               f"--port={port}", "--max-batch=4", "--prefill-batch=4", "--context=1024",
-               "--max-tokens=48", f"--model-name={MODEL}", "--log-level=warning",
-               "--warmup=none"]
-    with open(log, "w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                   cwd=REPO)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 240
-    try:
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"the server exited ({process.returncode}):\n{open(log).read()}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the server did not come up:\n{open(log).read()}")
-            time.sleep(0.25)
+    args = ["--max-batch=4", "--prefill-batch=4", "--context=1024", "--max-tokens=48",
+            f"--model-name={MODEL}", "--log-level=warning", "--warmup=none"]
+    with serve_process(tiny_demo_checkpoint, args, log) as (url, _):
         yield f"{url}/v1"
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def _short_prompts(folder):

@@ -9,9 +9,7 @@ import dataclasses
 import json
 import os
 import shutil
-import socket
 import subprocess
-import sys
 import threading
 import time
 
@@ -19,6 +17,8 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+
+from conftest import serve_process
 
 # Every test here talks to one server: with `pytest -n N --dist loadgroup` (.ci/run) they stay
 # on one worker, so the module starts one server.
@@ -60,48 +60,15 @@ def image_dir(tmp_path_factory):
     return folder
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(checkpoint, image_dir, tmp_path_factory):
     log = str(tmp_path_factory.mktemp("log") / "server.log")
-    port = _free_port()
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    command = [sys.executable, "-m", "llava_jax.serve", f"--checkpoint={checkpoint}",
-               f"--port={port}", "--max-batch=16", "--max-queue=16", "--prefill-batch=4",
-               f"--context={CONTEXT}", "--max-tokens=200", "--max-images=2",
-               f"--allow-local-images={image_dir}", "--log-level=warning",
-               "--warmup=none"]  # compile on first use: only what the tests use (greedy)
-    with open(log, "w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                   cwd=REPO)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 240
-    try:
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"the server exited ({process.returncode}):\n{open(log).read()}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the server did not come up:\n{open(log).read()}")
-            time.sleep(0.25)
+    args = ["--max-batch=16", "--max-queue=16", "--prefill-batch=4", f"--context={CONTEXT}",
+            "--max-tokens=200", "--max-images=2", f"--allow-local-images={image_dir}",
+            "--log-level=warning",
+            "--warmup=none"]  # compile on first use: only what the tests use (greedy)
+    with serve_process(checkpoint, args, log) as (url, process):
         yield Server(url, process, log)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @pytest.fixture(scope="module")
