@@ -10,8 +10,10 @@ For scripts: `--prompt=TEXT` prints one answer and exits; `--prompts=FILE.jsonl`
 line ({"text", optional "image", optional "question_id"}) independently and prints one JSON
 line per answer ({"question_id", "prompt", "text"}).
 
-Defaults follow the original `llava/serve/cli.py`: template vicuna_v1, temperature 0.2,
-max_new_tokens 512 (capped by the model's position budget).
+Defaults follow the original `llava/serve/cli.py`: temperature 0.2,
+max_new_tokens 512 (capped by the model's position budget); the template is the one the
+checkpoint trained with (its train_config.json), else its decoder family's (vicuna_v1 for
+LLaVA-1.5).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from llava_jax.checkpoint import load_pretrained
+from llava_jax.checkpoint import checkpoint_template, load_pretrained
 from llava_jax.data import IMAGE_TOKEN, ImageDecodeError, get_template
 from llava_jax.inference.batch import Prompt, build_inputs, load_pixels
 from llava_jax.inference.generation import decode_new_tokens, stream
@@ -184,7 +186,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                                      description="Chat with a LLaVA checkpoint about an image.")
     parser.add_argument("--checkpoint", required=True, help="model directory or training workdir")
     parser.add_argument("--image", help="image file to talk about (omit for text only)")
-    parser.add_argument("--template", default="vicuna_v1", help="conversation template")
+    parser.add_argument("--template", default=None,
+                        help="conversation template (default: the one the checkpoint trained "
+                             "with, else its decoder family's, else vicuna_v1)")
     parser.add_argument("--temperature", type=float, default=0.2, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--max-new-tokens", type=int, default=512)
@@ -214,7 +218,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             pretrained = load_pretrained(args.checkpoint, dtype=args.dtype)
         except (FileNotFoundError, ValueError) as error:
             raise ChatError(str(error)) from None
-        session = ChatSession(pretrained.model, pretrained.tokenizer, template=args.template,
+        try:
+            template = args.template or checkpoint_template(args.checkpoint)
+        except ValueError as error:
+            raise ChatError(f"{error} Pass --template.") from None
+        session = ChatSession(pretrained.model, pretrained.tokenizer, template=template,
                               temperature=args.temperature, top_p=args.top_p,
                               max_new_tokens=args.max_new_tokens, seed=args.seed)
         session.set_image(args.image)

@@ -140,6 +140,44 @@ def read_config(path: str | os.PathLike) -> LlavaConfig:
         raise ValueError(f"{config_path}: invalid model config ({e}).") from e
 
 
+# The template each decoder family's LLaVA releases were trained with, for a converted
+# model directory (no train_config.json to say): LLaVA-1.5 / Vicuna, LLaVA-NeXT's Llama-3 and
+# Mistral models, and the Qwen2 ones (LLaVA-OneVision).
+DEFAULT_TEMPLATE = "vicuna_v1"
+LLAMA_3_VOCAB_SIZE = 128256
+
+
+def checkpoint_template(path: str | os.PathLike) -> str:
+    """The conversation template to talk to a checkpoint with, when the user names none.
+
+    A training workdir (or one of its stage directories) records the template it trained with
+    in `train_config.json`; a converted model directory gets its decoder family's (Qwen2:
+    `qwen_1_5`, Mistral: `mistral_instruct`, Llama-3: `llava_llama_3`, else LLaVA-1.5's
+    `vicuna_v1`). Raises ValueError when train_config.json names a template that does not
+    exist (a typo would otherwise silently change every prompt).
+    """
+    from llava_jax.data.conversation import TEMPLATES  # data imports models; keep this lazy
+
+    train_config = Path(path) / "train_config.json"
+    if train_config.exists():
+        try:
+            template = json.loads(train_config.read_text())["data"]["template"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{train_config}: no readable data.template ({e!r}).") from e
+        if template not in TEMPLATES:
+            raise ValueError(f"{train_config}: data.template {template!r} is not one of "
+                             f"{sorted(TEMPLATES)}.")
+        return template
+    text = read_config(path).text
+    if text.model_type == "qwen2":
+        return "qwen_1_5"
+    if text.model_type == "mistral":
+        return "mistral_instruct"
+    if text.vocab_size >= LLAMA_3_VOCAB_SIZE:
+        return "llava_llama_3"
+    return DEFAULT_TEMPLATE
+
+
 def read_lora_config(path: str | os.PathLike) -> lora.LoraConfig | None:
     """The adapters of a LoRA workdir / model directory, or None for a plain model."""
     lora_path = Path(path) / LORA_FILE

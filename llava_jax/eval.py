@@ -1,7 +1,7 @@
 """Benchmark evaluation: `python -m llava_jax.eval --task=TASK --checkpoint=DIR ...`.
 
-Tasks (greedy decoding, conversation template `vicuna_v1` by default, as LLaVA-1.5's
-`scripts/v1_5/eval/*.sh`):
+Tasks (greedy decoding; the conversation template is the one the checkpoint trained with, else
+its decoder family's: `vicuna_v1` for LLaVA-1.5, as its `scripts/v1_5/eval/*.sh`):
 
   demo       the built-in held-out split (llava_jax.data.demo eval.jsonl), exact match
   vqa        model_vqa question JSONL {question_id, image, text} -> answers JSONL
@@ -43,7 +43,7 @@ from typing import Any, Sequence
 import jax
 from jax.experimental import multihost_utils
 
-from llava_jax.checkpoint import load_pretrained
+from llava_jax.checkpoint import checkpoint_template, load_pretrained
 from llava_jax.data import ImageDecodeError
 from llava_jax.evaluation import llava_bench
 from llava_jax.evaluation.answers import (
@@ -76,7 +76,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--image-folder", help="image root for the question file's paths")
     parser.add_argument("--output", required=True, help="answers JSONL (appended, resumable)")
     parser.add_argument("--results", help="metrics JSON (default: <output stem>_results.json)")
-    parser.add_argument("--template", default="vicuna_v1")
+    parser.add_argument("--template", default=None,
+                        help="default: the checkpoint's train_config.json data.template, else "
+                             "its decoder family's (vicuna_v1, llava_llama_3, mistral_instruct, "
+                             "qwen_1_5)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int,
                         help=f"default per task: {DEFAULT_MAX_NEW_TOKENS}")
@@ -176,6 +179,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     if pretrained.tokenizer is None:
         raise ValueError(f"{args.checkpoint} has no tokenizer/ folder; it is needed to build "
                          "prompts (save the model with its tokenizer).")
+    template = args.template or checkpoint_template(args.checkpoint)
     model_id = args.model_id or os.path.basename(os.path.normpath(args.checkpoint))
     own_path = shard_path(args.output, index, count)
     make_record = None
@@ -187,7 +191,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     # --image-folder was used); the answers of earlier batches are already in the file.
     write_answers(
         pretrained.model, pretrained.tokenizer, questions[index::count], own_path,
-        model_id=model_id, template=args.template, batch_size=args.batch_size,
+        model_id=model_id, template=template, batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[args.task],
         image_root=image_root, progress=args.progress, make_record=make_record,
         skip=done_ids(args.output) if count > 1 else frozenset())

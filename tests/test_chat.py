@@ -42,19 +42,22 @@ def _run_cli(args, stdin=""):
                           capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
 
 
-def _expected_greedy(pretrained, image_path, question, history=(), max_new_tokens=6):
+def _expected_greedy(pretrained, image_path, question, history=(), max_new_tokens=6,
+                     template="vicuna_v1"):
     """The answer computed directly with generate(), the way the CLI should compute it."""
-    from llava_jax.data import decode_image, preprocess_image, tokenize_generation_prompt
+    from llava_jax.data import (decode_image, get_template, preprocess_image,
+                                tokenize_generation_prompt)
     from llava_jax.inference.generation import decode_new_tokens, generate
 
     config = pretrained.config
-    ids = tokenize_generation_prompt(question, pretrained.tokenizer, "vicuna_v1",
+    ids = tokenize_generation_prompt(question, pretrained.tokenizer, template,
                                      config.num_image_tokens, config.image_token_index,
                                      history=history)
     pixels = preprocess_image(decode_image(image_path), config.vision.image_size,
                               config.image_aspect)[None, None]
     tokens = generate(pretrained.model, ids[None], pixels, max_new_tokens=max_new_tokens)
-    return decode_new_tokens(tokens[0], pretrained.tokenizer, stop_strings=["</s>"])
+    stop = get_template(template).stop_str
+    return decode_new_tokens(tokens[0], pretrained.tokenizer, stop_strings=[stop] if stop else [])
 
 
 def test_prompt_flag_prints_the_greedy_answer(checkpoint, image_path, pretrained):
@@ -117,3 +120,46 @@ def test_clear_errors(checkpoint, tmp_path, capsys):
     corrupt.write_bytes(b"\x89PNG garbage")
     assert chat.main([f"--checkpoint={checkpoint}", f"--image={corrupt}", "--prompt=hi"]) == 2
     assert "cannot decode image" in capsys.readouterr().err
+
+
+def _workdir_with_template(checkpoint, directory, template):
+    """A copy of the checkpoint that says, as a training workdir does, which template it
+    trained with."""
+    import shutil
+
+    shutil.copytree(checkpoint, directory)
+    (directory / "train_config.json").write_text(json.dumps({"data": {"template": template}}))
+    return directory
+
+
+def test_the_template_defaults_to_the_one_the_checkpoint_trained_with(
+        checkpoint, image_path, pretrained, tmp_path, capsys):
+    # A random model's greedy answer depends on the prompt, so the two templates must give
+    # different answers here for the check below to mean anything.
+    question = f"<image>\n{QUESTION}"
+    plain = _expected_greedy(pretrained, image_path, question, template="plain")
+    assert plain != _expected_greedy(pretrained, image_path, question)
+    workdir = _workdir_with_template(checkpoint, tmp_path / "plain_run", "plain")
+    args = [f"--checkpoint={workdir}", f"--image={image_path}", f"--prompt={QUESTION}",
+            "--temperature=0", "--max-new-tokens=6"]
+    assert chat.main(args) == 0
+    assert capsys.readouterr().out.rstrip("\n") == plain
+
+    bad = _workdir_with_template(checkpoint, tmp_path / "typo_run", "vicuna_v9")
+    assert chat.main([f"--checkpoint={bad}", "--prompt=hi"]) == 2
+    error = capsys.readouterr().err
+    assert "vicuna_v9" in error and "--template" in error
+    # An explicit --template overrides what the workdir says.
+    assert chat.main([f"--checkpoint={bad}", "--template=vicuna_v1", "--prompt=hi",
+                      "--max-new-tokens=2"]) == 0
+
+
+@pytest.mark.parametrize("preset,template", [
+    ("llava-v1.5-7b", "vicuna_v1"), ("llava-llama-3-8b", "llava_llama_3"),
+    ("llava-mistral-7b", "mistral_instruct"), ("llava-qwen2-0.5b", "qwen_1_5")])
+def test_a_converted_model_gets_its_decoder_familys_template(preset, template, tmp_path):
+    from llava_jax.checkpoint import CONFIG_FILE, checkpoint_template
+    from llava_jax.models.config import get_preset
+
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(get_preset(preset).to_dict()))
+    assert checkpoint_template(tmp_path) == template

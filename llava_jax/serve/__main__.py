@@ -8,7 +8,6 @@ uvicorn serves on HOST:PORT; the web chat page is at http://HOST:PORT/.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -16,24 +15,10 @@ from typing import Sequence
 
 import numpy as np
 
-from llava_jax.checkpoint import load_pretrained
+from llava_jax.checkpoint import DEFAULT_TEMPLATE, checkpoint_template, load_pretrained
 from llava_jax.data import IMAGE_TOKEN, TEMPLATES, tokenize_generation_prompt
 from llava_jax.inference.engine import Engine, EngineRequest
 from llava_jax.serve.protocol import ServerLimits, stop_strings
-
-DEFAULT_TEMPLATE = "vicuna_v1"
-
-
-def checkpoint_template(checkpoint: str) -> str:
-    """The template the checkpoint was trained with (a training workdir's train_config.json
-    records it), else vicuna_v1 (LLaVA-1.5's)."""
-    try:
-        with open(os.path.join(checkpoint, "train_config.json"), encoding="utf-8") as handle:
-            template = json.load(handle)["data"]["template"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return DEFAULT_TEMPLATE
-    return template if template in TEMPLATES else DEFAULT_TEMPLATE
-
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -47,8 +32,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=512,
                         help="default and upper bound of a request's max_tokens")
     parser.add_argument("--template", default=None,
-                        help=f"conversation template (default: the checkpoint's, else "
-                             f"{DEFAULT_TEMPLATE}); one of {', '.join(sorted(TEMPLATES))}")
+                        help=f"conversation template (default: the one the checkpoint trained with, "
+                             f"else its decoder family's, else {DEFAULT_TEMPLATE}); one of {', '.join(sorted(TEMPLATES))}")
     parser.add_argument("--allow-local-images", metavar="DIR", default=None,
                         help="accept image paths (file:// or plain) inside DIR")
     parser.add_argument("--max-queue", type=int, default=64,
@@ -117,7 +102,11 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     config = pretrained.config
-    template = args.template or checkpoint_template(args.checkpoint)
+    try:
+        template = args.template or checkpoint_template(args.checkpoint)
+    except ValueError as error:
+        print(f"error: {error} Pass --template.", file=sys.stderr)
+        return 2
     limit = config.text.max_position_embeddings
     context = min(args.context or limit, limit)
     engine = Engine(pretrained.model, pretrained.tokenizer, max_batch=args.max_batch,
