@@ -24,3 +24,18 @@ def test_bench_train_runs_both_sides_from_the_same_weights(capsys):
     assert result["llava_jax_executed_flops_per_step"] < result["model_flops_per_step"]
     assert result["speedup_best"] == pytest.approx(result["speedup_float32"])
     assert "tokens/s" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("family", ["qwen2"])  # the most switches: GQA, biases, tied, SigLIP
+def test_bench_train_family_models_agree_with_transformers_classes(family):
+    """`--family` swaps in the family's switches (window / GQA / biases / SigLIP) on both sides:
+    transformers' MistralModel / Qwen2Model must score the same weights as llava_jax."""
+    from llava_jax.bench import train as bench_train
+
+    result = bench_train.main(["--dtypes=float32", "--repeats=1", "--warmup=0",
+                               "--lora_rank=0", f"--family={family}"])
+    rows = {row["side"]: row for row in result["rows"]}
+    assert result["family"] == family and set(rows) == {"llava_jax", "torch"}
+    assert rows["llava_jax"]["first_loss"] == pytest.approx(rows["torch"]["first_loss"], abs=2e-4)
+    config = bench_train.bench_config("float32", family)
+    assert config.text.model_type == family and config.text.num_kv_heads < config.text.num_heads

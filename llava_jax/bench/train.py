@@ -1,11 +1,15 @@
 """Train-step speed: llava_jax vs transformers' PyTorch LlavaForConditionalGeneration.
 
-`python -m llava_jax.bench train [--repeats=5] [--dtypes=float32,bfloat16] [--json=FILE]`
+`python -m llava_jax.bench train [--repeats=5] [--dtypes=float32,bfloat16] [--family=vicuna]
+[--json=FILE]`
 
 Both sides train the same small LLaVA (CLIP 256 wide x 4 layers at 112 px = 64 image tokens;
 LLaMA 512 wide x 4 layers, 8 heads, MLP 1376, vocab 32064) on the same batch (4 rows x 256
 tokens, one image per row), stage-2 style: projector + LLM train with AdamW, CLIP frozen.
-Both start from the same random weights. bfloat16 = bf16 compute with float32 master weights
+Both start from the same random weights. `--family=llama3|mistral|qwen2` gives the model
+that family's switches at this size (FAMILIES: grouped-query attention, llama3 rope scaling, a
+sliding window of half the row, Qwen2's q/k/v biases over a SigLIP tower); the reference is then
+transformers' class for it. bfloat16 = bf16 compute with float32 master weights
 (llava_jax `dtype=bfloat16`; torch `autocast(cpu, bfloat16)`).
 
 Each repeat runs one step of every (side, dtype), alternating the order; medians over repeats.
@@ -53,15 +57,35 @@ from llava_jax.training.state import build_setup, random_params
 BATCH, SEQ, IMAGE_TOKENS = 4, 256, 64
 
 
-def bench_config(dtype: str) -> LlavaConfig:
+# The decoder families' switches at the benchmark's size (`--family`): each the release's
+# attention shape (grouped-query: 2 KV heads for 8) and the switch that makes it that family.
+FAMILIES = {
+    "vicuna": dict(text={}),  # LLaVA-1.5: multi-head, plain rotary
+    "llama3": dict(text=dict(num_kv_heads=2, rope_theta=500000.0, rope_scaling_factor=8.0,
+                             rope_scaling_type="llama3",
+                             # shorter than the row, so every frequency band of the scaling occurs
+                             rope_original_max_position_embeddings=64)),
+    "mistral": dict(text=dict(model_type="mistral", num_kv_heads=2, sliding_window=SEQ // 2)),
+    # LLaVA-OneVision's pairing: Qwen2 over SigLIP (no class token: 64 patches, all kept).
+    "qwen2": dict(text=dict(model_type="qwen2", num_kv_heads=2, qkv_bias=True,
+                            tie_word_embeddings=True, rope_theta=1000000.0, rms_norm_eps=1e-6),
+                  vision=dict(model_type="siglip_vision_model", hidden_act="gelu_pytorch_tanh",
+                              layer_norm_eps=1e-6),
+                  vision_feature_layer=-1, vision_feature_select_strategy="cls_patch"),
+}
+
+
+def bench_config(dtype: str, family: str = "vicuna") -> LlavaConfig:
+    spec = dict(FAMILIES[family])
+    text = dict(vocab_size=32064, hidden_size=512, intermediate_size=1376, num_layers=4,
+                num_heads=8, num_kv_heads=8, max_position_embeddings=2048)
     return LlavaConfig(
-        vision=VisionConfig(**common.small_clip()),
-        text=TextConfig(vocab_size=32064, hidden_size=512, intermediate_size=1376, num_layers=4,
-                        num_heads=8, num_kv_heads=8, max_position_embeddings=2048),
+        vision=VisionConfig(**{**common.small_clip(), **spec.pop("vision", {})}),
+        text=TextConfig(**{**text, **spec.pop("text")}),
         image_token_index=32000, pad_token_id=32001, dtype=dtype, param_dtype="float32",
         # 4 layers: unrolled, as configs/demo.py runs small models on CPU (a scan stacks every
         # layer's activations for the backward: 12% of this step, BUILD_NOTES "A faster step").
-        remat_policy="none", scan_layers=False)
+        remat_policy="none", scan_layers=False, **spec)
 
 
 def make_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
@@ -81,8 +105,9 @@ def make_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 class JaxSide:
-    def __init__(self, dtype: str, params: dict | None, lora_rank: int = 0):
-        self.config = bench_config(dtype)
+    def __init__(self, dtype: str, params: dict | None, lora_rank: int = 0,
+                 family: str = "vicuna"):
+        self.config = bench_config(dtype, family)
         train_config = default_config(stage=2)
         if lora_rank:
             train_config.lora.rank, train_config.lora.alpha = lora_rank, 2.0 * lora_rank
@@ -125,13 +150,13 @@ class JaxSide:
 
 
 class TorchSide:
-    def __init__(self, dtype: str, params: dict):
+    def __init__(self, dtype: str, params: dict, family: str = "vicuna"):
         # Here, not at the top: torch is optional (the `torch` extra); only this side needs it.
         import torch
 
         from llava_jax.convert.reference import transformers_llava  # imports torch
 
-        config = bench_config("float32")
+        config = bench_config("float32", family)
         self.model = transformers_llava(_as_model(config, params), attn_implementation="sdpa",
                                         train=True)
         for name, param in self.model.named_parameters():
@@ -192,6 +217,9 @@ def parse_args(argv):
     parser.add_argument("--json", default="", help="also write the results here")
     parser.add_argument("--lora_rank", type=int, default=16,
                         help="rank of the llava_jax+lora side (0 = no LoRA side)")
+    parser.add_argument("--family", default="vicuna", choices=sorted(FAMILIES),
+                        help="decoder family of the benchmark model (its switches at this "
+                             "size; both sides: transformers' Llama / Mistral / Qwen2 classes)")
     parser.add_argument("--parity", action="store_true",
                         help="instead: training parity with PyTorch (llava_jax.bench.parity; "
                         "see `--parity --help` for its flags)")
@@ -209,15 +237,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
     print(f"jax {jax.__version__} ({jax.devices()[0].device_kind}), torch {torch.__version__} "
           f"({torch.get_num_threads()} threads, CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}); batch {BATCH} x {SEQ} tokens, "
-          f"{IMAGE_TOKENS} image tokens; projector + LLM train, CLIP frozen", flush=True)
-    reference = JaxSide("float32", None)
+          f"{IMAGE_TOKENS} image tokens; projector + LLM train, vision tower frozen; family "
+          f"{args.family}", flush=True)
+    family = args.family
+    reference = JaxSide("float32", None, family=family)
     shared = jax.tree.map(np.asarray, reference.params)
     sides = {}
     for dtype in dtypes:
-        sides[("llava_jax", dtype)] = reference if dtype == "float32" else JaxSide(dtype, shared)
-        sides[("torch", dtype)] = TorchSide(dtype, shared)
+        sides[("llava_jax", dtype)] = (reference if dtype == "float32"
+                                       else JaxSide(dtype, shared, family=family))
+        sides[("torch", dtype)] = TorchSide(dtype, shared, family)
         if args.lora_rank:
-            sides[("llava_jax+lora", dtype)] = JaxSide(dtype, shared, args.lora_rank)
+            sides[("llava_jax+lora", dtype)] = JaxSide(dtype, shared, args.lora_rank, family)
     for side in sides.values():
         for _ in range(args.warmup):
             side()
@@ -229,14 +260,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
             first_loss.setdefault(key, loss)
             times[key].append(sides[key].elapsed)
     peak = measure_peak()
-    config = bench_config("float32")
+    config = bench_config("float32", family)
     kw = dict(train_projector=True, train_llm=True)
     flops = metrics.train_step_flops(config, BATCH, SEQ, 1, **kw)
     head_rows = reference.lm_head_rows
     executed = {"llava_jax": metrics.train_step_flops(config, BATCH, SEQ, 1, **kw,
                                                       lm_head_rows=head_rows), "torch": flops}
     tokens = BATCH * SEQ
-    result = {"peak_bf16_flops": peak, "model_flops_per_step": flops,
+    result = {"family": family, "peak_bf16_flops": peak, "model_flops_per_step": flops,
               "llava_jax_executed_flops_per_step": executed["llava_jax"], "rows": []}
     print(f"measured bf16 matmul peak: {peak / 1e9:.0f} GFLOP/s; model FLOPs/step "
           f"{flops / 1e9:.1f} G (llava_jax executes {executed['llava_jax'] / 1e9:.1f} G: LM head "
