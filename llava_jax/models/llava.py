@@ -81,7 +81,9 @@ class LlavaModel(nnx.Module):
         sources = jnp.take_along_axis(index, k[:, :, None], axis=1)  # [b, s, 4]
         weights = jnp.take_along_axis(weight.astype(jnp.float32), k[:, :, None], axis=1)
         out = jnp.zeros((*input_ids.shape, table.shape[-1]), jnp.float32)
-        for j in range(index.shape[-1]):
+        # Plain 'anyres' never interpolates: every placeholder is one feature at weight 1.
+        taps = 1 if self.config.image_aspect == "anyres" else index.shape[-1]
+        for j in range(taps):
             gathered = jnp.take_along_axis(table, sources[:, :, j, None], axis=1)
             out = out + weights[:, :, j, None] * gathered.astype(jnp.float32)
         return out
