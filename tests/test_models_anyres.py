@@ -116,7 +116,8 @@ def test_missing_layout_is_a_clear_error():
                          ids=["next", "onevision"])
 def test_greedy_generation_matches_transformers(config, rows):
     """Token-identical to transformers' generate, row by row, for a right-padded batch that
-    generate left-aligns (the layout is indexed by placeholder number, so it survives)."""
+    generate left-aligns (the layout is indexed by placeholder number, so it survives);
+    `stream` yields the same tokens."""
     model = create_model(config, seed=3)
     reference = hf_llava_from_model(model)
     ids, mask, pixels, (index, weight), layouts, _ = make_batch(config, rows, seed=4)
@@ -124,6 +125,10 @@ def test_greedy_generation_matches_transformers(config, rows):
                                image_feature_index=index, image_feature_weight=weight,
                                max_new_tokens=10, eos_token_id=-1)
     assert ours.shape == (len(rows), 10)
+    streamed = np.stack(list(generation.stream(
+        model, ids, pixels, attention_mask=mask, image_feature_index=index,
+        image_feature_weight=weight, max_new_tokens=10, eos_token_id=-1)), axis=1)
+    np.testing.assert_array_equal(streamed, ours)
     for b, row in enumerate(layouts):
         length = int(mask[b].sum())
         inputs = dict(input_ids=torch.from_numpy(ids[b:b + 1, :length]).long(),
