@@ -1,9 +1,11 @@
 """Checkpoint conversion, PyTorch <-> llava_jax, streamed tensor by tensor.
 
-hf_to_jax:    transformers `LlavaForConditionalGeneration` directory -> model directory
+hf_to_jax:    transformers `LlavaForConditionalGeneration` (or `LlavaNext...` / `LlavaOnevision...`)
+              directory -> model directory
 llava_to_jax: original LLaVA (`LlavaLlamaForCausalLM`) + CLIP directory (or a plain LLaMA
               + a stage-1 `mm_projector.bin`) -> model directory
-jax_to_hf:    model directory -> `LlavaForConditionalGeneration` directory
+jax_to_hf:    model directory -> `LlavaForConditionalGeneration` directory (tiled models:
+              `LlavaNext...` / `LlavaOnevision...`)
 
 Peak memory is about one stacked parameter (e.g. all layers' MLP up-projections), never
 the whole model.
