@@ -137,7 +137,8 @@ class LlavaModel(nnx.Module):
                  attention_mask: Array | None = None, *, segment_ids: Array | None = None,
                  positions: Array | None = None, image_mask: Array | None = None,
                  image_feature_index: Array | None = None,
-                 image_feature_weight: Array | None = None, cache: dict | None = None, cache_index: Array | int | None = None,
+                 image_feature_weight: Array | None = None, cache: dict | None = None,
+                 cache_index: Array | int | None = None,
                  return_hidden: bool = False, layers=None):
         """Logits for a batch of token ids with images.
 
