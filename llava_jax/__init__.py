@@ -1,7 +1,7 @@
 """llava_jax: LLaVA (CLIP vision tower -> projector -> LLaMA decoder) in JAX / Flax NNX.
 
 Public entry points (imported lazily so that `import llava_jax.data` stays light):
-    llava_jax.load_pretrained(path, dtype=...)  -> Pretrained(model, config, tokenizer)
+    llava_jax.load_pretrained(path, dtype=...)  -> Pretrained(model, config, tokenizer, processor)
     llava_jax.generate(model, input_ids, ...)   -> new token ids
     llava_jax.GenerationConfig(max_new_tokens=...) the settings generate / stream take
 """

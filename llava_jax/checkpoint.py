@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import warnings
@@ -272,6 +273,8 @@ class Pretrained:
     model: Any  # LlavaModel
     config: LlavaConfig
     tokenizer: Any  # transformers PreTrainedTokenizerFast or None
+    # data.processor.Processor (text + PIL images -> model inputs), or None without a tokenizer.
+    processor: Any = None
 
 
 def load_pretrained(path: str | os.PathLike, dtype: str | None = None, *,
@@ -288,8 +291,9 @@ def load_pretrained(path: str | os.PathLike, dtype: str | None = None, *,
         (in float32, then `param_dtype`; a plain model, as fast as the base), or keep them
         as `LoraDense` modules (quantized bases stay quantized).
     Returns:
-      Pretrained(model, config, tokenizer). `model(input_ids, pixel_values=None,
-      attention_mask=None)` returns float32 logits [batch, seq, vocab].
+      Pretrained(model, config, tokenizer, processor). `model(input_ids, pixel_values=None,
+      attention_mask=None)` returns float32 logits [batch, seq, vocab];
+      `model(**processor(text=[...], images=[[PIL images], ...]))` too.
     """
     config = read_config(path)
     if dtype is not None:
@@ -308,4 +312,21 @@ def load_pretrained(path: str | os.PathLike, dtype: str | None = None, *,
             params = lora.merge_params(params, adapters, jnp_dtype(config.param_dtype))
             graphdef = abstract_params(config)[0]
     model = nnx.merge(graphdef, jax.tree.map(jax.numpy.asarray, params))
-    return Pretrained(model=model, config=config, tokenizer=load_tokenizer(path))
+    tokenizer = load_tokenizer(path)
+    return Pretrained(model=model, config=config, tokenizer=tokenizer,
+                      processor=load_processor(path, config, tokenizer))
+
+
+def load_processor(path: str | os.PathLike, config: LlavaConfig, tokenizer):
+    """The checkpoint's `data.processor.Processor` (from tokenizer/preprocessor_config.json,
+    else the model config's defaults), or None without a tokenizer. A tokenizer / image
+    processor that does not fit the model is logged and gives None: the model still loads."""
+    if tokenizer is None:
+        return None
+    from llava_jax.data.processor import Processor, ProcessorError
+
+    try:
+        return Processor.from_directory(Path(path) / TOKENIZER_DIR, config, tokenizer)
+    except ProcessorError as e:
+        logging.getLogger(__name__).warning("%s: no processor (%s)", path, e)
+        return None

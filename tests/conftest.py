@@ -56,6 +56,20 @@ def hf_llava_from_model(model):
     return transformers_llava(model)
 
 
+def hf_onevision_processor(**kwargs):
+    """transformers' LlavaOnevisionProcessor without a video processor: its video processor
+    needs torchvision, which is not installed, and images never touch it."""
+    from transformers import LlavaOnevisionProcessor
+
+    class ImagesOnly(LlavaOnevisionProcessor):
+        def check_argument_for_proper_class(self, argument_name, argument):
+            if argument_name == "video_processor" and argument is None:
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    return ImagesOnly(video_processor=None, **kwargs)
+
+
 class FakeLLM:
     """A scripted OpenAI-compatible chat-completions endpoint on 127.0.0.1 (http.server in a
     thread). `behave(body, call)` (call counts from 0 over the whole server) returns what to

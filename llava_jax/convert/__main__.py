@@ -1,6 +1,6 @@
 """`python -m llava_jax.convert`: PyTorch LLaVA checkpoints <-> llava_jax model directories.
 
-  hf-to-jax     --input HF_DIR --output MODEL_DIR         (llava-hf LlavaForConditionalGeneration)
+  hf-to-jax     --input HF_DIR --output MODEL_DIR         (llava-hf Llava / LlavaNext / LlavaOnevision)
   llava-to-jax  --input LLAVA_DIR --vision-tower CLIP_DIR --output MODEL_DIR
                 [--projector mm_projector.bin]            (original LLaVA layout)
   jax-to-hf     --input MODEL_DIR --output HF_DIR         (for transformers / vLLM / ...)
@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    p = sub.add_parser("hf-to-jax", help="transformers LlavaForConditionalGeneration -> llava_jax")
+    p = sub.add_parser("hf-to-jax", help="transformers Llava / LlavaNext / LlavaOnevision "
+                                      "ForConditionalGeneration -> llava_jax")
     p.add_argument("--input", required=True, help="HF directory (config.json + safetensors)")
     common(p)
 
@@ -53,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override image_aspect_ratio (default: config, else pad)")
     common(p)
 
-    p = sub.add_parser("jax-to-hf", help="llava_jax -> transformers LlavaForConditionalGeneration")
+    p = sub.add_parser("jax-to-hf", help="llava_jax -> transformers Llava / LlavaNext / "
+                                      "LlavaOnevision ForConditionalGeneration")
     p.add_argument("--input", required=True, help="model directory or training workdir")
     p.add_argument("--max-shard-size-gb", type=float, default=2.0, help="safetensors shard size")
     p.add_argument("--adapter-only", action="store_true",

@@ -1,9 +1,11 @@
 """Checkpoint conversion, PyTorch <-> llava_jax, streamed tensor by tensor.
 
-hf_to_jax:    transformers `LlavaForConditionalGeneration` directory -> model directory
+hf_to_jax:    transformers `LlavaForConditionalGeneration` (or `LlavaNext...` / `LlavaOnevision...`)
+              directory -> model directory
 llava_to_jax: original LLaVA (`LlavaLlamaForCausalLM`) + CLIP directory (or a plain LLaMA
               + a stage-1 `mm_projector.bin`) -> model directory
-jax_to_hf:    model directory -> `LlavaForConditionalGeneration` directory
+jax_to_hf:    model directory -> `LlavaForConditionalGeneration` directory (tiled models:
+              `LlavaNext...` / `LlavaOnevision...`)
 
 Peak memory is about one stacked parameter (e.g. all layers' MLP up-projections), never
 the whole model.
@@ -33,6 +35,9 @@ _NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "added_tokens.json", "chat_template.json",
                    "chat_template.jinja")
+# The processor's files (image processor settings, transformers' processor settings): kept
+# next to the tokenizer, so the folder is a whole transformers processor.
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 
 
 def _read_json(path: Path) -> dict:
@@ -104,7 +109,8 @@ def _torch_dtype_name(config_json: dict, default: str = "float32") -> str:
 
 
 def _copy_tokenizer(source: Path, target: Path) -> Path | None:
-    files = [source / f for f in TOKENIZER_FILES if (source / f).exists()]
+    """Copies the tokenizer and processor files present in `source` to `target`."""
+    files = [source / f for f in TOKENIZER_FILES + PROCESSOR_FILES if (source / f).exists()]
     if not files:
         return None
     target.mkdir(parents=True, exist_ok=True)
@@ -330,7 +336,7 @@ def jax_to_hf(input_dir: str, output_dir: str, *, dtype: str | None = None,
                 del array
         writer.close()
         (stage / "config.json").write_text(json.dumps(hf_json, indent=2))
-        _write_processor_config(stage, config)
+        _write_processor_config(stage, config)  # a carried-over one (below) replaces it
         tokenizer_dir = input_dir / checkpoint.TOKENIZER_DIR
         if tokenizer_dir.is_dir():
             _copy_tokenizer(tokenizer_dir, stage)
@@ -348,25 +354,25 @@ def _torch_shape(spec: mapping.ParamSpec) -> tuple[int, ...]:
 
 
 def _write_processor_config(directory: Path, config: LlavaConfig) -> None:
-    """CLIPImageProcessor (SiglipImageProcessor for a SigLIP tower) settings, so
-    `LlavaProcessor.from_pretrained` works on the output."""
-    size = config.vision.image_size
-    if config.vision.model_type == "siglip_vision_model":
-        # SigLIP's processor: a plain bicubic resize to the square (no crop), mean = std = 0.5.
-        processor = {
-            "image_processor_type": "SiglipImageProcessor", "do_resize": True,
-            "size": {"height": size, "width": size}, "resample": 3, "do_rescale": True,
-            "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.5, 0.5, 0.5],
-            "image_std": [0.5, 0.5, 0.5], "do_convert_rgb": True,
-        }
-        (directory / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
-        return
-    processor = {
-        "image_processor_type": "CLIPImageProcessor", "do_resize": True,
-        "size": {"shortest_edge": size}, "resample": 3, "do_center_crop": True,
-        "crop_size": {"height": size, "width": size}, "do_rescale": True,
-        "rescale_factor": 1 / 255, "do_normalize": True,
-        "image_mean": [0.48145466, 0.4578275, 0.40821073],
-        "image_std": [0.26862954, 0.26130258, 0.27577711], "do_convert_rgb": True,
-    }
-    (directory / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
+    """The image-processor settings of the model (`data.processor.default_preprocessor_config`:
+    CLIPImageProcessor, SiglipImageProcessor, LlavaNextImageProcessor or
+    LlavaOnevisionImageProcessor) and the processor's (`processor_config.json`: what the
+    transformers processor needs to count placeholders), so `AutoProcessor.from_pretrained`
+    works on the output."""
+    from llava_jax.data.processor import default_preprocessor_config
+
+    (directory / "preprocessor_config.json").write_text(
+        json.dumps(default_preprocessor_config(config), indent=2))
+    strategy = "default" if config.vision_feature_select_strategy == "patch" else "full"
+    if config.anyres and config.image_aspect != "anyres":
+        processor = dict(processor_class="LlavaOnevisionProcessor",
+                         num_image_tokens=(config.vision.image_size
+                                           // config.vision.patch_size) ** 2,
+                         vision_feature_select_strategy=strategy,
+                         vision_aspect_ratio=config.image_aspect)
+    else:
+        processor = dict(processor_class="LlavaNextProcessor" if config.anyres else "LlavaProcessor",
+                         patch_size=config.vision.patch_size,
+                         vision_feature_select_strategy=strategy,
+                         num_additional_image_tokens=int(config.vision.has_class_token))
+    (directory / "processor_config.json").write_text(json.dumps(processor, indent=2))

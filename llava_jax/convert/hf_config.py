@@ -9,6 +9,7 @@ naming the field, never a silently different model.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 from llava_jax.models.config import (ROPE_SCALING_TYPES, VISION_MODEL_TYPES, LlavaConfig,
@@ -163,16 +164,61 @@ def vision_config_from_clip(vision: dict[str, Any], source: str) -> VisionConfig
     )
 
 
+# transformers model_type -> (architecture, its defaults where they differ from LlavaConfig's).
+HF_FAMILIES = {
+    "llava": ("LlavaForConditionalGeneration",
+              dict(vision_feature_select_strategy="default", vision_feature_layer=-2,
+                   image_token_index=32000)),
+    "llava_next": ("LlavaNextForConditionalGeneration",
+                   dict(vision_feature_select_strategy="default", vision_feature_layer=-2,
+                        image_token_index=32000,
+                        image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336],
+                                              [336, 1008]])),
+    "llava_onevision": ("LlavaOnevisionForConditionalGeneration",
+                        dict(vision_feature_select_strategy="full", vision_feature_layer=-1,
+                             image_token_index=151646, vision_aspect_ratio="anyres_max_9",
+                             image_grid_pinpoints=[[384 * i, 384 * j] for i in range(1, 7)
+                                                   for j in range(1, 7)])),
+}
+
+
+def _layout_fields(config: dict[str, Any], model_type: str, source: str) -> dict[str, Any]:
+    """image_aspect / image_grid_pinpoints / mm_patch_merge_type of a transformers config."""
+    if model_type == "llava":
+        return {}
+    defaults = HF_FAMILIES[model_type][1]
+    pinpoints = config.get("image_grid_pinpoints") or defaults["image_grid_pinpoints"]
+    try:
+        pinpoints = tuple((int(h), int(w)) for h, w in pinpoints)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{source}: image_grid_pinpoints={pinpoints!r} is not a list of "
+                          "[height, width] pairs.") from e
+    aspect = "anyres"
+    if model_type == "llava_onevision":
+        aspect = config.get("vision_aspect_ratio", defaults["vision_aspect_ratio"])
+        if not isinstance(aspect, str) or re.fullmatch(r"anyres_max_[1-9]\d*", aspect) is None:
+            raise ConfigError(f"{source}: vision_aspect_ratio={aspect!r} is not supported; "
+                              "only 'anyres_max_N' (N >= 1).")
+    return dict(image_aspect=aspect, image_grid_pinpoints=pinpoints,
+                mm_patch_merge_type="spatial_unpad")
+
+
 def from_hf_llava(config: dict[str, Any], source: str = "config.json") -> LlavaConfig:
-    """transformers `LlavaConfig` dict -> LlavaConfig."""
-    if config.get("model_type") != "llava":
-        raise ConfigError(f"{source}: model_type is {config.get('model_type')!r}, expected 'llava' "
-                          "(a LlavaForConditionalGeneration directory). For the original LLaVA "
-                          "layout use `llava-to-jax`.")
+    """transformers `LlavaConfig` / `LlavaNextConfig` / `LlavaOnevisionConfig` dict ->
+    LlavaConfig."""
+    model_type = config.get("model_type")
+    if model_type not in HF_FAMILIES:
+        raise ConfigError(f"{source}: model_type is {model_type!r}, expected one of "
+                          f"{sorted(HF_FAMILIES)} (a LlavaForConditionalGeneration, "
+                          "LlavaNextForConditionalGeneration or "
+                          "LlavaOnevisionForConditionalGeneration directory). For the original "
+                          "LLaVA layout use `llava-to-jax`.")
+    defaults = HF_FAMILIES[model_type][1]
     if config.get("projector_hidden_act", "gelu") != "gelu":
         raise ConfigError(f"{source}: projector_hidden_act={config['projector_hidden_act']!r}; "
                           "only exact 'gelu' is supported.")
-    strategy = config.get("vision_feature_select_strategy", "default")
+    strategy = config.get("vision_feature_select_strategy",
+                          defaults["vision_feature_select_strategy"])
     if strategy not in ("default", "full"):
         raise ConfigError(f"{source}: vision_feature_select_strategy={strategy!r} is unknown.")
     text = text_config_from_hf(config.get("text_config") or {}, source)
@@ -180,19 +226,28 @@ def from_hf_llava(config: dict[str, Any], source: str = "config.json") -> LlavaC
         # transformers' LlavaConfig ties when either level says so (its __post_init__ lifts a
         # text config's True to the top level).
         text = dataclasses.replace(text, tie_word_embeddings=True)
-    layer = config.get("vision_feature_layer", -2)
-    return LlavaConfig(
-        vision=vision_config_from_clip(config.get("vision_config") or {}, source),
-        text=text,
-        projector_type="mlp2x_gelu",
-        projector_bias=bool(config.get("multimodal_projector_bias", True)),
-        vision_feature_layer=tuple(layer) if isinstance(layer, list) else layer,
-        vision_feature_select_strategy="patch" if strategy == "default" else "cls_patch",
-        image_token_index=config.get("image_token_index", config.get("image_token_id", 32000)),
-        pad_token_id=config.get("pad_token_id", (config.get("text_config") or {}).get("pad_token_id")),
-        bos_token_id=(config.get("text_config") or {}).get("bos_token_id", 1),
-        eos_token_id=(config.get("text_config") or {}).get("eos_token_id", 2),
-    )
+    layer = config.get("vision_feature_layer", defaults["vision_feature_layer"])
+    try:
+        return LlavaConfig(
+            vision=vision_config_from_clip(config.get("vision_config") or {}, source),
+            text=text,
+            projector_type="mlp2x_gelu",
+            projector_bias=bool(config.get("multimodal_projector_bias", True)),
+            vision_feature_layer=tuple(layer) if isinstance(layer, list) else layer,
+            vision_feature_select_strategy="patch" if strategy == "default" else "cls_patch",
+            image_token_index=config.get("image_token_index",
+                                         config.get("image_token_id",
+                                                    defaults["image_token_index"])),
+            pad_token_id=config.get("pad_token_id",
+                                    (config.get("text_config") or {}).get("pad_token_id")),
+            bos_token_id=(config.get("text_config") or {}).get("bos_token_id", 1),
+            eos_token_id=(config.get("text_config") or {}).get("eos_token_id", 2),
+            **_layout_fields(config, model_type, source),
+        )
+    except ConfigError:
+        raise
+    except ValueError as e:  # LlavaConfig's validation names the field
+        raise ConfigError(f"{source}: {e}") from e
 
 
 def from_original_llava(config: dict[str, Any], clip_config: dict[str, Any], *,
@@ -299,23 +354,35 @@ def hf_vision_config(vision: VisionConfig):
 
 
 def to_hf_llava(config: LlavaConfig, torch_dtype: str = "float32") -> dict[str, Any]:
-    """LlavaConfig -> a transformers `LlavaConfig` dict (written as config.json)."""
+    """LlavaConfig -> a transformers config dict (written as config.json): `LlavaConfig` for
+    flat models, `LlavaNextConfig` for 'anyres', `LlavaOnevisionConfig` for 'anyres_max_N'."""
     import transformers  # only here: it takes seconds to import, and only export needs it
 
     if config.projector_type != "mlp2x_gelu":
         raise ConfigError(f"projector_type={config.projector_type!r} has no transformers "
                           "equivalent: LlavaForConditionalGeneration's projector is mlp2x_gelu.")
     layer = config.vision_feature_layer
-    hf = transformers.LlavaConfig(
+    common = dict(
         vision_config=hf_vision_config(config.vision), text_config=hf_text_config(config),
         image_token_index=config.image_token_index, projector_hidden_act="gelu",
         vision_feature_select_strategy=(
             "default" if config.vision_feature_select_strategy == "patch" else "full"),
         vision_feature_layer=list(layer) if isinstance(layer, tuple) else layer,
-        image_seq_length=config.num_image_tokens,
         multimodal_projector_bias=config.projector_bias,
         tie_word_embeddings=config.text.tie_word_embeddings, pad_token_id=config.pad_token_id)
+    pinpoints = [list(p) for p in config.image_grid_pinpoints]
+    if not config.anyres:
+        hf = transformers.LlavaConfig(image_seq_length=config.num_image_tokens, **common)
+        architecture = "LlavaForConditionalGeneration"
+    elif config.image_aspect == "anyres":
+        hf = transformers.LlavaNextConfig(image_grid_pinpoints=pinpoints,
+                                          image_seq_length=config.num_image_tokens, **common)
+        architecture = "LlavaNextForConditionalGeneration"
+    else:
+        hf = transformers.LlavaOnevisionConfig(image_grid_pinpoints=pinpoints,
+                                               vision_aspect_ratio=config.image_aspect, **common)
+        architecture = "LlavaOnevisionForConditionalGeneration"
     out = hf.to_dict()
-    out["architectures"] = ["LlavaForConditionalGeneration"]
+    out["architectures"] = [architecture]
     out["torch_dtype"] = torch_dtype
     return out

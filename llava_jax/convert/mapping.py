@@ -96,6 +96,10 @@ def param_specs(config: LlavaConfig, param_shapes: dict[str, tuple[int, ...]]) -
     """
     specs = []
     for path, shape in param_shapes.items():
+        if path == "image_newline":  # LLaVA-NeXT / OneVision: one vector at the top level
+            specs.append(ParamSpec(path, tuple(shape), ("image_newline",), False, _identity,
+                                   _identity))
+            continue
         prefix, rest, stacked = _torch_prefix(path)
         if prefix == "vision_tower.vision_model.embeddings.":
             # Embedding-level tensors of CLIP.
@@ -144,13 +148,17 @@ def flatten_params(model) -> dict:
 # Tensors that carry no weights (buffers) or belong to parts LLaVA does not use.
 _IGNORED = re.compile(
     r"(\.rotary_emb\.inv_freq$|\.position_ids$|^text_model\.|^visual_projection\.|"
-    r"^text_projection\.|^logit_scale$|^model\.image_newline$|^image_newline$)")
+    r"^text_projection\.|^logit_scale$)")
+# The original layout's LLaVA-1.6 newline, unused by the flat models llava-to-jax converts.
+_IGNORED_ORIGINAL = re.compile(r"^(model\.)?image_newline$")
 
 
 def canonical_hf_name(name: str) -> str | None:
     """transformers LLaVA (old or new key layout) -> canonical name; None for ignored tensors."""
     if _IGNORED.search(name):
         return None
+    if name == "model.image_newline":  # transformers 5's module path of LLaVA-NeXT's newline
+        return "image_newline"
     for old, new in (("model.language_model.", "language_model.model."),
                      ("model.vision_tower.", "vision_tower."),
                      ("model.multi_modal_projector.", "multi_modal_projector.")):
@@ -167,7 +175,7 @@ def canonical_hf_name(name: str) -> str | None:
 
 def canonical_llava_name(name: str) -> str | None:
     """Original LLaVA (`LlavaLlamaForCausalLM`) state-dict name -> canonical name."""
-    if _IGNORED.search(name):
+    if _IGNORED.search(name) or _IGNORED_ORIGINAL.search(name):
         return None
     match = re.fullmatch(r"model\.mm_projector\.(\d+)\.(weight|bias)", name)
     if match:  # Sequential indices 0, 2, 4 (GELUs in between) -> linear_1, linear_2, ...
@@ -222,6 +230,7 @@ TRANSFORMERS_MODULE_PREFIXES = {
     "language_model.lm_head.": "lm_head.",
     "vision_tower.vision_model.": "model.vision_tower.",
     "multi_modal_projector.": "model.multi_modal_projector.",
+    "image_newline": "model.image_newline",
 }
 
 

@@ -30,16 +30,20 @@ def torch_state(tensors: dict, prefixes: dict[str, str]) -> dict:
 
 
 def transformers_llava(model, *, attn_implementation: str | None = None, train: bool = False):
-    """A float32 `LlavaForConditionalGeneration` with `model`'s weights (eval mode by default).
+    """A float32 `LlavaForConditionalGeneration` (`LlavaNext...` / `LlavaOnevision...` for tiled
+    models) with `model`'s weights (eval mode by default).
 
     Raises RuntimeError when a weight has no counterpart on either side.
     """
-    config = transformers.LlavaConfig.from_dict(hf_config.to_hf_llava(model.config))
+    hf = hf_config.to_hf_llava(model.config)
+    config_class = {"llava": transformers.LlavaConfig, "llava_next": transformers.LlavaNextConfig,
+                    "llava_onevision": transformers.LlavaOnevisionConfig}[hf["model_type"]]
+    config = config_class.from_dict(hf)
     if attn_implementation is not None:
         config.text_config._attn_implementation = attn_implementation
         config.vision_config._attn_implementation = attn_implementation
     torch.manual_seed(0)  # the (overwritten) random init stays reproducible
-    reference = transformers.LlavaForConditionalGeneration(config).float()
+    reference = getattr(transformers, hf["architectures"][0])(config).float()
     reference.train(train)
     state = torch_state(mapping.torch_tensors(model), TRANSFORMERS_MODULE_PREFIXES)
     missing, unexpected = reference.load_state_dict(state, strict=False)

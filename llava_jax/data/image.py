@@ -123,6 +123,11 @@ def preprocess_image(image: Image.Image, image_size: int, aspect: str = "pad") -
       aspect: "pad" (LLaVA-1.5 stage 2) or "square" (stage 1, crop only).
     """
     if aspect not in ASPECT_MODES:
+        if aspect.startswith("anyres"):
+            raise ValueError(
+                f"image_aspect={aspect!r} is a tiled (LLaVA-NeXT / OneVision) model: build its "
+                "inputs with the checkpoint's processor (`load_pretrained(path).processor`); "
+                "this one-tile path (chat, serve, eval, training data) takes 'pad' / 'square'.")
         raise ValueError(f"aspect must be one of {ASPECT_MODES}, got {aspect!r}")
     image = to_rgb(image)
     if aspect == "pad":

@@ -79,7 +79,9 @@ def prefill_insert(graphdef, state, ids, mask, pixel_values, image_mask, rows, s
     """Prefill k left-aligned prompts [k, L], sample their first tokens [k] and copy their
     cache rows into `cache` rows `rows` at column `start`."""
     model = nnx.merge(graphdef, state)
-    logits, new = _prefill(model, ids, mask, pixel_values, image_mask, ids.shape[1])
+    # The serving engine takes flat (one-tile) images only: no tiled layout.
+    logits, new = _prefill(model, ids, mask, pixel_values, image_mask, (None, None),
+                           ids.shape[1])
     steps = jnp.zeros(ids.shape[0], jnp.int32)
     tokens = sample_rows(logits, key_data, steps, temperature, top_p, sampling=sampling,
                           use_top_p=use_top_p)

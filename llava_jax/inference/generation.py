@@ -113,29 +113,47 @@ def _stop_arrays(sequences: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.nda
     return tokens, valid
 
 
-def _validate_images(model, ids: np.ndarray, mask: np.ndarray, pixel_values, image_mask) -> None:
-    """Each row must hold exactly num_image_tokens placeholders per real image."""
+def _validate_images(model, ids: np.ndarray, mask: np.ndarray, pixel_values, image_mask,
+                     layout=None) -> None:
+    """Each row must hold exactly num_image_tokens placeholders per real image (a tiled
+    model: exactly as many as its layout `(index, weight)` fills)."""
     config = model.config
     placeholders = ((ids == config.image_token_index) & (mask == 1)).sum(axis=1)
-    if pixel_values is None:
-        images = np.zeros(ids.shape[0], np.int64)
-    else:
+    size = config.vision.image_size
+    if config.anyres and pixel_values is not None:
         shape = tuple(pixel_values.shape)
-        size = config.vision.image_size
-        if len(shape) != 5 or shape[0] != ids.shape[0] or shape[2:] != (size, size, 3):
-            raise ValueError(f"pixel_values must be float32 [batch={ids.shape[0]}, images, {size}, "
-                             f"{size}, 3] (channels last); got shape {shape}.")
-        images = (np.full(ids.shape[0], shape[1]) if image_mask is None
-                  else np.asarray(image_mask).astype(bool).sum(axis=1))
-    expected = images * config.num_image_tokens
+        if len(shape) != 6 or shape[0] != ids.shape[0] or shape[3:] != (size, size, 3):
+            raise ValueError(f"pixel_values of a tiled model must be float32 [batch="
+                             f"{ids.shape[0]}, images, tiles, {size}, {size}, 3]; got {shape}.")
+        if layout is None or layout[0] is None or layout[1] is None:
+            raise ValueError("a tiled model needs image_feature_index and image_feature_weight "
+                             "with its pixel_values (the processor returns them).")
+        index, weight = (np.asarray(a) for a in layout)
+        if index.shape != weight.shape or index.ndim != 3 or index.shape[0] != ids.shape[0]:
+            raise ValueError(f"image_feature_index {index.shape} and image_feature_weight "
+                             f"{weight.shape} must both be [batch={ids.shape[0]}, P, 4].")
+        expected = (np.abs(weight).sum(axis=2) > 0).sum(axis=1)
+        what = "its image layout fills (image_feature_weight)"
+    else:
+        if pixel_values is None:
+            images = np.zeros(ids.shape[0], np.int64)
+        else:
+            shape = tuple(pixel_values.shape)
+            if len(shape) != 5 or shape[0] != ids.shape[0] or shape[2:] != (size, size, 3):
+                raise ValueError(f"pixel_values must be float32 [batch={ids.shape[0]}, images, "
+                                 f"{size}, {size}, 3] (channels last); got shape {shape}.")
+            images = (np.full(ids.shape[0], shape[1]) if image_mask is None
+                      else np.asarray(image_mask).astype(bool).sum(axis=1))
+        expected = images * config.num_image_tokens
+        what = f"{config.num_image_tokens} tokens per image"
     bad = np.flatnonzero(placeholders != expected)
     if bad.size:
         row = int(bad[0])
         raise ValueError(
             f"row {row} has {int(placeholders[row])} image placeholder ids "
-            f"({config.image_token_index}) but {int(images[row])} image(s) x "
-            f"{config.num_image_tokens} tokens = {int(expected[row])} expected; expand each "
-            "<image> into num_image_tokens placeholder ids and pass one image per <image>.")
+            f"({config.image_token_index}) but {int(expected[row])} expected ({what}); expand "
+            "each <image> into its placeholder ids (the processor does) and pass one image per "
+            "<image>.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,13 +183,17 @@ def _sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: ja
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def _prefill(model, ids, mask, pixel_values, image_mask, cache_length):
-    """Runs the bucketed, left-padded prompt; returns last-token logits [b, V] and the cache."""
+def _prefill(model, ids, mask, pixel_values, image_mask, layout, cache_length):
+    """Runs the bucketed, left-padded prompt; returns last-token logits [b, V] and the cache.
+
+    layout: (image_feature_index, image_feature_weight) of a tiled model, or (None, None)."""
     batch = ids.shape[0]
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
     cache = model.init_cache(batch, cache_length)
     hidden, cache = model(ids, pixel_values, segment_ids=mask, positions=positions,
-                          image_mask=image_mask, cache=cache, cache_index=0, return_hidden=True)
+                          image_mask=image_mask, image_feature_index=layout[0],
+                          image_feature_weight=layout[1], cache=cache, cache_index=0,
+                          return_hidden=True)
     # Left alignment puts every row's last real token in the last slot: project only that one.
     logits = model.language_model.logits(hidden[:, -1:])[:, 0]
     return logits, cache
@@ -208,8 +230,8 @@ def _finished(token, window, eos_ids, stop_tokens, stop_valid):
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "top_k",
                                              "use_top_p", "unstack"))
-def _generate_jit(graphdef, state, ids, mask, pixel_values, image_mask, lengths, key, temperature,
-                  top_p, eos_ids, stop_tokens, stop_valid, pad_id, *, max_new_tokens, greedy,
+def _generate_jit(graphdef, state, ids, mask, pixel_values, image_mask, layout, lengths, key,
+                  temperature, top_p, eos_ids, stop_tokens, stop_valid, pad_id, *, max_new_tokens, greedy,
                   top_k, use_top_p, unstack):
     """Prefill + while_loop decode. Returns (tokens int32 [b, max_new_tokens], steps)."""
     model = nnx.merge(graphdef, state)
@@ -217,7 +239,7 @@ def _generate_jit(graphdef, state, ids, mask, pixel_values, image_mask, lengths,
     width = stop_tokens.shape[1]
     sample = functools.partial(_sample, temperature=temperature, top_p=top_p, greedy=greedy,
                                top_k=top_k, use_top_p=use_top_p)
-    logits, cache = _prefill(model, ids, mask, pixel_values, image_mask,
+    logits, cache = _prefill(model, ids, mask, pixel_values, image_mask, layout,
                              prompt_length + max_new_tokens)
     layers = _decode_layers(model, unstack)
     cache = _step_cache(cache, layers)
@@ -253,11 +275,11 @@ def _generate_jit(graphdef, state, ids, mask, pixel_values, image_mask, lengths,
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cache_length", "greedy", "top_k",
                                              "use_top_p", "unstack"))
-def _prefill_jit(graphdef, state, ids, mask, pixel_values, image_mask, key, temperature, top_p, *,
-                 cache_length, greedy, top_k, use_top_p, unstack):
+def _prefill_jit(graphdef, state, ids, mask, pixel_values, image_mask, layout, key, temperature,
+                 top_p, *, cache_length, greedy, top_k, use_top_p, unstack):
     """Stream prefill: (first token [b], decode cache, per-layer weight states or None)."""
     model = nnx.merge(graphdef, state)
-    logits, cache = _prefill(model, ids, mask, pixel_values, image_mask, cache_length)
+    logits, cache = _prefill(model, ids, mask, pixel_values, image_mask, layout, cache_length)
     token = _sample(logits, jax.random.fold_in(key, 0), temperature, top_p, greedy=greedy,
                     top_k=top_k, use_top_p=use_top_p)
     layers = _decode_layers(model, unstack)
@@ -351,7 +373,7 @@ class _Prepared:
     """Validated, left-aligned inputs and sampling arrays shared by generate and stream."""
 
     def __init__(self, model, input_ids, pixel_values, attention_mask, image_mask, tokenizer,
-                 settings: GenerationConfig):
+                 settings: GenerationConfig, layout=(None, None)):
         config = model.config
         input_ids = np.asarray(input_ids)
         if input_ids.ndim != 2:
@@ -361,7 +383,7 @@ class _Prepared:
         fill = 0 if config.image_token_index != 0 else 1
         self.ids, self.mask, self.lengths = left_align(input_ids, attention_mask,
                                                        int(settings.bucket), fill)
-        _validate_images(model, self.ids, self.mask, pixel_values, image_mask)
+        _validate_images(model, self.ids, self.mask, pixel_values, image_mask, layout)
         max_new_tokens = int(settings.max_new_tokens)
         limit = config.text.max_position_embeddings
         if int(self.lengths.max()) + max_new_tokens > limit:
@@ -371,6 +393,9 @@ class _Prepared:
                 "lower max_new_tokens.")
         self.pixel_values = None if pixel_values is None else jnp.asarray(pixel_values, jnp.float32)
         self.image_mask = None if image_mask is None else jnp.asarray(image_mask, bool)
+        # Indexed by placeholder number, not position: left alignment leaves it valid.
+        self.layout = ((None, None) if pixel_values is None or not config.anyres else
+                       (jnp.asarray(layout[0], jnp.int32), jnp.asarray(layout[1], jnp.float32)))
         self.max_new_tokens = max_new_tokens
         self.unstack = settings.unstack
         self.eos_ids = _eos_ids(model, settings.eos_token_id)
@@ -428,6 +453,7 @@ def stop_string_end(tokens: Sequence[int], stop_strings: Sequence[str], tokenize
 
 
 def generate(model, input_ids, pixel_values=None, *, attention_mask=None, image_mask=None,
+             image_feature_index=None, image_feature_weight=None,
              tokenizer=None, config: GenerationConfig | None = None, **settings) -> np.ndarray:
     """Generates up to `max_new_tokens` tokens for each prompt of a batch.
 
@@ -438,6 +464,8 @@ def generate(model, input_ids, pixel_values=None, *, attention_mask=None, image_
       pixel_values: float32 [batch, images, H, W, 3] (channels last, CLIP-normalized) or None.
       attention_mask: [batch, seq], 1 for real tokens; left or right padding (any pattern).
       image_mask: bool [batch, images], which image slots are real (default: all).
+      image_feature_index, image_feature_weight: a tiled (anyres) model's layout [batch, P, 4],
+        with pixel_values [batch, images, tiles, H, W, 3] (its processor returns all three).
       tokenizer: decodes the text for `stop_strings`.
       config, **settings: a `GenerationConfig` and/or its fields as keywords
         (`max_new_tokens=`, `temperature=`, `top_p=`, `top_k=`, `eos_token_id=`,
@@ -448,10 +476,10 @@ def generate(model, input_ids, pixel_values=None, *, attention_mask=None, image_
       stopped early ends with its EOS / stop tokens followed by `pad_token_id`.
     """
     p = _Prepared(model, input_ids, pixel_values, attention_mask, image_mask, tokenizer,
-                  resolve_config(config, settings))
+                  resolve_config(config, settings), (image_feature_index, image_feature_weight))
     graphdef, state = nnx.split(model)
     tokens, steps = _generate_jit(
-        graphdef, state, p.ids, p.mask, p.pixel_values, p.image_mask, p.lengths, p.key,
+        graphdef, state, p.ids, p.mask, p.pixel_values, p.image_mask, p.layout, p.lengths, p.key,
         p.temperature, p.top_p, p.eos_ids, p.stop_tokens, p.stop_valid, np.int32(p.pad_id),
         max_new_tokens=p.max_new_tokens, unstack=p.unstack, **p.statics)
     tokens = np.asarray(tokens)[:, :int(steps)]
@@ -459,6 +487,7 @@ def generate(model, input_ids, pixel_values=None, *, attention_mask=None, image_
 
 
 def stream(model, input_ids, pixel_values=None, *, attention_mask=None, image_mask=None,
+           image_feature_index=None, image_feature_weight=None,
            tokenizer=None, config: GenerationConfig | None = None,
            **settings) -> Iterator[np.ndarray]:
     """Like `generate` (same arguments), but yields each step's tokens np.int32 [batch] as soon
@@ -469,11 +498,12 @@ def stream(model, input_ids, pixel_values=None, *, attention_mask=None, image_ma
     the same arguments the concatenated stream equals `generate`'s output.
     """
     p = _Prepared(model, input_ids, pixel_values, attention_mask, image_mask, tokenizer,
-                  resolve_config(config, settings))
+                  resolve_config(config, settings), (image_feature_index, image_feature_weight))
     graphdef, state = nnx.split(model)
     batch, prompt_length = p.ids.shape
     token, cache, layer_states = _prefill_jit(
-        graphdef, state, p.ids, p.mask, p.pixel_values, p.image_mask, p.key, p.temperature,
+        graphdef, state, p.ids, p.mask, p.pixel_values, p.image_mask, p.layout, p.key,
+        p.temperature,
         p.top_p, cache_length=prompt_length + p.max_new_tokens, unstack=p.unstack, **p.statics)
     layer_graphdef = nnx.split(model.language_model.layers)[0]
     done = np.zeros(batch, bool)

@@ -113,7 +113,17 @@ class LlavaConfig:
     pad_token_id: int | None = 32001
     bos_token_id: int = 1
     eos_token_id: int = 2
-    image_aspect: str = "pad"  # how images were preprocessed in training: 'pad' or 'square'
+    # How images are preprocessed: 'pad' or 'square' (one tile: LLaVA / LLaVA-1.5), or tiled
+    # (data/anyres.py): 'anyres' (LLaVA-NeXT) or 'anyres_max_N' (OneVision: the unpadded
+    # feature grid is shrunk to about N tiles' worth).
+    image_aspect: str = "pad"
+    # Tiled modes only: candidate ((height, width), ...) resolutions, multiples of
+    # vision.image_size (transformers' image_grid_pinpoints).
+    image_grid_pinpoints: tuple[tuple[int, int], ...] = ()
+    # How an image's features are laid out: 'flat' (one tile's tokens) or 'spatial_unpad' (the
+    # tiled modes: base tile, then the unpadded grid with a learned `image_newline` ending
+    # each row).
+    mm_patch_merge_type: str = "flat"
     # Compute knobs: change how the weights are used, never what they are.
     param_dtype: str = "float32"
     dtype: str = "float32"  # activations / matmul inputs
@@ -135,6 +145,20 @@ class LlavaConfig:
         CLIP's class token, or (SigLIP has none) the first patch."""
         drop = 1 if self.vision_feature_select_strategy == "patch" else 0
         return self.vision.num_positions - drop
+
+    @property
+    def anyres(self) -> bool:
+        """Images are tiled (image_aspect 'anyres' / 'anyres_max_N')."""
+        return self.mm_patch_merge_type == "spatial_unpad"
+
+    @property
+    def max_tiles(self) -> int:
+        """Tile slots one image can need in a tiled mode: the base tile plus the largest grid
+        of image_grid_pinpoints (1 for the flat modes)."""
+        if not self.anyres:
+            return 1
+        size = self.vision.image_size
+        return 1 + max((h // size) * (w // size) for h, w in self.image_grid_pinpoints)
 
     @property
     def feature_layers(self) -> tuple[int, ...]:
@@ -162,6 +186,7 @@ class LlavaConfig:
         out = dataclasses.asdict(self)
         if isinstance(self.vision_feature_layer, tuple):
             out["vision_feature_layer"] = list(self.vision_feature_layer)
+        out["image_grid_pinpoints"] = [list(p) for p in self.image_grid_pinpoints]
         return out
 
     @classmethod
@@ -177,6 +202,8 @@ class LlavaConfig:
         text = TextConfig(**data.pop("text", {}))
         if isinstance(data.get("vision_feature_layer"), list):
             data["vision_feature_layer"] = tuple(data["vision_feature_layer"])
+        if "image_grid_pinpoints" in data:
+            data["image_grid_pinpoints"] = tuple(tuple(p) for p in data["image_grid_pinpoints"])
         return cls(vision=vision, text=text, **data)
 
 
@@ -267,8 +294,46 @@ def validate(config: LlavaConfig) -> None:
     if config.attention not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(
             f"attention={config.attention!r}; use one of {ATTENTION_IMPLEMENTATIONS}.")
-    if config.image_aspect not in ("pad", "square"):
-        raise ValueError(f"image_aspect={config.image_aspect!r}; use 'pad' or 'square'.")
+    _validate_layout(config)
+
+
+MERGE_TYPES = ("flat", "spatial_unpad")
+
+
+def _validate_layout(config: LlavaConfig) -> None:
+    """image_aspect, image_grid_pinpoints and mm_patch_merge_type agree."""
+    aspect = config.image_aspect
+    tiled = aspect == "anyres" or re.fullmatch(r"anyres_max_[1-9]\d*", aspect) is not None
+    if aspect not in ("pad", "square") and not tiled:
+        raise ValueError(f"image_aspect={aspect!r}; use 'pad', 'square', 'anyres' or "
+                         "'anyres_max_N' (N >= 1).")
+    if config.mm_patch_merge_type not in MERGE_TYPES:
+        raise ValueError(f"mm_patch_merge_type={config.mm_patch_merge_type!r}; use one of "
+                         f"{MERGE_TYPES}.")
+    if tiled != (config.mm_patch_merge_type == "spatial_unpad"):
+        raise ValueError(f"mm_patch_merge_type={config.mm_patch_merge_type!r} does not go with "
+                         f"image_aspect={aspect!r}: tiled modes ('anyres', 'anyres_max_N') use "
+                         "'spatial_unpad', 'pad' / 'square' use 'flat'.")
+    if not tiled:
+        if config.image_grid_pinpoints:
+            raise ValueError(f"image_grid_pinpoints are set but image_aspect={aspect!r} does "
+                             "not tile; use 'anyres' or 'anyres_max_N', or leave them empty.")
+        return
+    size = config.vision.image_size
+    if not config.image_grid_pinpoints:
+        raise ValueError(f"image_aspect={aspect!r} needs image_grid_pinpoints.")
+    for pinpoint in config.image_grid_pinpoints:
+        if (len(pinpoint) != 2 or any(not isinstance(v, int) or v < size or v % size
+                                      for v in pinpoint)):
+            raise ValueError(f"image_grid_pinpoints entry {list(pinpoint)} must be [height, "
+                             f"width], positive multiples of vision.image_size={size}.")
+    side = size // config.vision.patch_size
+    if config.num_image_tokens != side * side:
+        raise ValueError(
+            f"image_aspect={aspect!r} lays tile features out on a {side}x{side} grid, but "
+            f"vision_feature_select_strategy={config.vision_feature_select_strategy!r} gives "
+            f"{config.num_image_tokens} tokens per tile (CLIP: use 'patch'; SigLIP: "
+            "'cls_patch').")
 
 
 # ----- presets -----
