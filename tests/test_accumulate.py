@@ -182,3 +182,55 @@ def test_in_backward_accumulation_holds_one_gradient_tree_less():
     assert temporaries[False] >= layer_bytes, (temporaries, layer_bytes)
     saved = temporaries[False] - temporaries[True]
     assert saved >= (1 - 3 / 8) * layer_bytes, (temporaries, layer_bytes)
+
+
+@pytest.mark.parametrize("scan", [True, False])
+@pytest.mark.parametrize("passes", [1, 2])
+def test_run_stacked_adds_into_the_sums(scan, passes):
+    """d loss / d sums = sums + d loss / d weights; a second pass over the same layers in one
+    loss takes the plain path (claiming twice would count the sum twice)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from llava_jax.models import accumulate
+    from llava_jax.models.layers import Dense, run_stacked, stacked
+
+    class Layer(nnx.Module):
+        def __init__(self, rngs):
+            self.dense = Dense(8, 8, use_bias=True, dtype=jnp.float32, param_dtype=jnp.float32,
+                               rngs=rngs)
+
+        def __call__(self, h):
+            return jnp.tanh(self.dense(h))
+
+    graphdef, params = nnx.split(stacked(Layer, 3, nnx.Rngs(0)))
+    params = nnx.to_pure_dict(params)
+    x = jax.random.normal(jax.random.key(1), (4, 8))
+    scale = jax.random.normal(jax.random.key(2), (8,))  # closed over: a float input
+
+    def loss(p):
+        layers = nnx.merge(graphdef, p)
+        h = x
+        for _ in range(passes):
+            h, _ = run_stacked(layers, h, lambda layer, c, _: (layer(c) * scale, None),
+                               scan=scan, policy_name="full")
+        return jnp.sum(h ** 2)
+
+    def sinking(p, sums, registry):
+        registry.register(p, sums)
+        with accumulate.sinks(registry):
+            return loss(p)
+
+    want = jax.grad(loss)(params)
+    leaves = jax.tree.leaves(params)
+    sums = jax.tree.unflatten(jax.tree.structure(params), [
+        jax.random.normal(jax.random.key(i), a.shape) for i, a in enumerate(leaves)])
+    registry = accumulate.Sinks()
+    grads, sunk = jax.grad(sinking, argnums=(0, 1))(params, sums, registry)
+    assert registry.claimed == [True] * len(leaves)
+    for got_w, got_s, s, w in zip(*map(jax.tree.leaves, (grads, sunk, sums, want))):
+        assert jnp.abs(got_s - s - (w if passes == 1 else w - got_w)).max() <= 1e-5
+        assert jnp.allclose(got_s + got_w, s + w, rtol=1e-6, atol=1e-6)
+    if passes == 1:  # every weight gradient went into the sums
+        assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))

@@ -62,6 +62,11 @@ class Sinks:
         entry = self._by_id.get(id(leaf))
         if entry is None or entry[0] is not leaf:  # `is`: ids of dead objects are reused
             return None
+        if self.claimed[entry[2]]:
+            # A second use of the same layers in one loss: both backwards would return
+            # sum + their part and the cotangents would add up to 2 x sum. It takes the plain
+            # path instead (its gradient reaches the caller's `sum + grad`).
+            return None
         self.claimed[entry[2]] = True
         return entry[1]
 
