@@ -33,8 +33,10 @@ def test_stage2_packed_with_accumulation_matches_torch(tmp_path):
     # Packed rows (ours) vs the same samples one per row (torch), 2 micro-batches per step
     # (their target counts differ: the mean of micro-batch means is detected below),
     # multi-round conversations with 0, 1 or 2 images, all-text steps.
+    # Full remat: the layers' gradients go into the sum inside the backward (the production
+    # path of accumulation, models/accumulate.py).
     case = parity.Case(stage=2, steps=8, rows=2, accum=2, length=128, samples=64,
-                       text_share=0.6, warmup_ratio=0.2, weight_decay=0.5)
+                       text_share=0.6, warmup_ratio=0.2, weight_decay=0.5, remat_policy="full")
     result = parity.run_case(case, str(tmp_path), ("reference",) + parity.REFERENCE_VARIANTS)
     batches = result["batches"]
     assert batches["samples"] > batches["rows"]  # packed

@@ -103,6 +103,9 @@ class Case:
     vision_layers: int = 2
     image_size: int = 32  # 8 px patches: 16 image tokens
     loss_chunk_size: int = 48  # ours: LM head in chunks (exercised; the loss is the same)
+    # ours: 'full' with accum > 1 adds the layers' gradients into the sum inside the backward
+    # (models/accumulate.py); 'none' the plain sum of jax.grad's.
+    remat_policy: str = "none"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -155,7 +158,7 @@ def model_config(case: Case, tokenizer) -> LlavaConfig:
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, dtype="float32", param_dtype="float32",
-        remat_policy="none")
+        remat_policy=case.remat_policy)
 
 
 def step_batches(case: Case, paths: dict, tokenizer, config: LlavaConfig) -> list[dict]:
@@ -482,6 +485,8 @@ def parse_args(argv):
     parser.add_argument("--accum", type=int, default=2, help="micro-batches per step")
     parser.add_argument("--rows", type=int, default=4, help="rows per micro-batch")
     parser.add_argument("--no-packing", dest="packing", action="store_false")
+    parser.add_argument("--remat_policy", default="none",
+                        help="ours: none | full (full + accum > 1 accumulates in the backward)")
     parser.add_argument("--every", type=int, default=1, help="print every N-th step")
     parser.add_argument("--variants", action="store_true",
                         help="also run the deliberately wrong references (each must be detected)")
@@ -503,7 +508,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as workdir:
         for stage in [int(s) for s in args.stages.split(",") if s]:
             case = Case(stage=stage, steps=args.steps, accum=args.accum, rows=args.rows,
-                        packing=args.packing)
+                        packing=args.packing, remat_policy=args.remat_policy)
             results[stage] = run_case(case, workdir, variants)
             print_case(results[stage], args.every)
     diffs = [r["reference"]["diff"] for r in results.values()]

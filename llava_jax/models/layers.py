@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from llava_jax.models import accumulate
+
 Array = jax.Array
 
 default_kernel_init = nnx.initializers.normal(stddev=0.02)
@@ -171,6 +173,19 @@ def run_stacked(layers: nnx.Module, carry, body: Callable, *, scan: bool, policy
     def step(carry, layer_state_and_x):
         layer_state, x = layer_state_and_x
         return body(nnx.merge(graphdef, layer_state), carry, x)
+
+    registry = accumulate.active()
+    if registry is not None and policy_name == "full":
+        # The train step accumulates micro-batches: add each layer's weight gradient into the
+        # running sum inside the backward (models/accumulate.py) instead of materialising the
+        # micro-batch's [layers, ...] gradient beside the sum. Full remat only: its backward
+        # recomputes every layer, which is what that path does.
+        leaves, treedef = jax.tree.flatten(state)
+        sums = [registry.claim(leaf) for leaf in leaves]
+        if any(s is not None for s in sums):
+            layer_fn = lambda c, layer_leaves, x: step(
+                c, (jax.tree.unflatten(treedef, layer_leaves), x))
+            return accumulate.stacked_with_sinks(layer_fn, carry, xs, leaves, sums, scan=scan)
 
     policy = remat_policy(policy_name)
     if policy is not None:

@@ -13,13 +13,13 @@ from flax import nnx
 
 from llava_jax import sharding, tree
 from llava_jax.data.tokenize import IGNORE_INDEX
-from llava_jax.models import lora, partitioning
+from llava_jax.models import accumulate, lora, partitioning
 from llava_jax.training.loss import shifted_targets, target_loss_sum
 
 
 def make_train_step(graphdef, tx, *, loss_chunk_size: int, lm_head_target_fraction: float = 0.0,
                     activation_rules=sharding.DEFAULT_ACTIVATION_RULES,
-                    dropout_seed: int | None = None):
+                    dropout_seed: int | None = None, accumulate_in_backward: bool = True):
     """(trainable, frozen, opt_state, batch) -> (trainable, opt_state, metrics).
 
     batch leaves are [accum, rows, ...]; pixel_values/image_mask are absent for text-only
@@ -30,6 +30,10 @@ def make_train_step(graphdef, tx, *, loss_chunk_size: int, lm_head_target_fracti
     () or None = no constraints. They change placement and collectives, never the numbers.
     dropout_seed: LoRA dropout on (models/lora.py), masks from key(seed) folded with the
     optimizer's step count (so a resumed run draws the same masks) and the micro-batch.
+    accumulate_in_backward: with several micro-batches and full remat, the stacked layers add
+    their weight gradients into the running sum inside the backward (models/accumulate.py)
+    instead of materialising each micro-batch's gradient tree beside it; same numbers, one
+    float32 gradient tree less at the peak. False: the plain `sum + jax.grad(...)`.
     """
 
     def micro_loss(trainable, frozen, micro, num_targets, dropout_key):
@@ -48,6 +52,16 @@ def make_train_step(graphdef, tx, *, loss_chunk_size: int, lm_head_target_fracti
         return loss_sum / num_targets
 
     grad_fn = jax.value_and_grad(micro_loss)
+
+    def sinking_loss(registry, trainable, frozen, micro, num_targets, dropout_key, sums):
+        # `sums` is differentiated too: the stacked layers add their weight gradients into it
+        # inside the backward (models/accumulate.py), so d loss / d sums comes back as the new
+        # running sum for every leaf the layers claimed.
+        registry.register(trainable, sums)
+        with accumulate.sinks(registry):
+            return micro_loss(trainable, frozen, micro, num_targets, dropout_key)
+
+    sinking_grad_fn = jax.value_and_grad(sinking_loss, argnums=(1, 6))
 
     def train_step(trainable, frozen, opt_state, batch):
         # Installed inside the traced function: the rules belong to this jitted step, so no
@@ -70,6 +84,25 @@ def make_train_step(graphdef, tx, *, loss_chunk_size: int, lm_head_target_fracti
             loss, grads = grad_fn(trainable, frozen, micro, num_targets, key)
             return jax.tree.map(lambda x: x.astype(jnp.float32), (loss, grads))
 
+        def accumulate_micro(index, total):
+            """(loss sum, gradient sums) + micro-batch `index`'s, the sums updated in place."""
+            loss_total, sums = total
+            micro = jax.tree.map(lambda x: x[index], batch)
+            key = None if step_key is None else jax.random.fold_in(step_key, index)
+            registry = accumulate.Sinks()
+            loss, (grads, sunk) = sinking_grad_fn(registry, trainable, frozen, micro,
+                                                  num_targets, key, sums)
+            # Claimed leaves: the sum came back through the backward and their own gradient
+            # is zero (added anyway, in case a leaf is also used outside the layers; XLA drops
+            # an added zero). The rest (embeddings, projector, unscanned use): sum + grad.
+            flat_sums, treedef = jax.tree.flatten(sums)
+            new_sums = [
+                (through if claimed else total_) + grad.astype(jnp.float32)
+                for total_, through, grad, claimed in zip(
+                    flat_sums, jax.tree.leaves(sunk), jax.tree.leaves(grads), registry.claimed)]
+            return (loss_total + loss.astype(jnp.float32),
+                    jax.tree.unflatten(treedef, new_sums))
+
         accum_steps = jax.tree.leaves(batch)[0].shape[0]
         if accum_steps == 1:  # no loop traced
             loss, grads = micro_grads(0)
@@ -80,8 +113,9 @@ def make_train_step(graphdef, tx, *, loss_chunk_size: int, lm_head_target_fracti
             # 7B stage 2 on 8 devices at 8 rows x 2 micro-batches: 37.8 -> 29.2 GiB per device.
             zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32),
                                  (jnp.zeros(()), trainable))
-            accumulate = lambda i, total: jax.tree.map(jnp.add, total, micro_grads(i))
-            loss, grads = jax.lax.fori_loop(0, accum_steps, accumulate, zeros)
+            accumulate_fn = (accumulate_micro if accumulate_in_backward else
+                             lambda i, total: jax.tree.map(jnp.add, total, micro_grads(i)))
+            loss, grads = jax.lax.fori_loop(0, accum_steps, accumulate_fn, zeros)
         grad_norm = optax.tree.norm(grads)
         updates, new_opt_state = tx.update(grads, opt_state, trainable)
         new_trainable = optax.apply_updates(trainable, updates)

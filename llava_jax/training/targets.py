@@ -44,7 +44,7 @@ ROWS_PER_DEVICE: dict[tuple[str, int, str], int] = {
     ("7b", 2, "v5p-8"): 32, ("7b", 2, "v6e-8"): 4,
     ("7b", 2, "8x80g"): 16, ("7b", 2, "8x40g"): 8,
     ("13b", 2, "v5p-8"): 2,
-    ("13b", 2, "8x80g"): 16, ("13b", 2, "8x40g"): 1,
+    ("13b", 2, "8x80g"): 16, ("13b", 2, "8x40g"): 4,  # 4 x 4: in-backward accumulation
 }
 
 
