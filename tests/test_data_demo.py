@@ -263,3 +263,33 @@ def test_easy_vqa_conversion(tmp_path):
     assert len(evaluation) == easy_vqa.NUM_EVAL
     assert all(line["image"].startswith("test/") for line in evaluation)
     assert {line["category"] for line in evaluation} == {"color", "shape", "yesno"}
+
+
+def test_multiround_tokenizer_splits_punctuation(multiround):
+    # The word that ends a yes/no question ("Is the shape red?") or a caption ("... at the
+    # top.") must be the very token the answer word is: data version 1 fused the mark on
+    # ("▁red?", "▁top."), tokens never tied to the image nor to an answer.
+    tokenizer = demo.load_tokenizer(multiround["tokenizer_dir"])
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    answer_id = {}
+    for value in [v for values in demo.VALUES.values() for v in values] + ["yes", "no"]:
+        ids = encode(value)
+        assert len(ids) == 1, (value, tokenizer.convert_ids_to_tokens(ids))
+        answer_id[value] = ids[0]
+    for kind, phrasings in demo.YES_NO_QUESTIONS.items():
+        for phrasing in phrasings:
+            for value in demo.VALUES[kind]:
+                question = phrasing.format(value)
+                assert answer_id[value] in encode(question), (question, tokenizer.tokenize(question))
+    for record in json.load(open(multiround["stage1_json"]))[:300]:
+        text = record["conversations"][1]["value"]
+        named = [word for word in text.rstrip(".").split() if word in answer_id]
+        assert named and all(answer_id[word] in encode(text) for word in named), tokenizer.tokenize(text)
+    # Decoding gives every text of the data back (each chunk between "<image>" tags, which is
+    # what tokenize_conversation encodes).
+    texts = {turn["value"] for key in ("stage1_json", "stage2_json")
+             for record in json.load(open(multiround[key])) for turn in record["conversations"]}
+    texts |= {json.loads(line)["text"] for line in open(multiround["eval_file"])}
+    for text in texts:
+        for chunk in text.split("<image>"):
+            assert tokenizer.decode(encode(chunk)) == chunk, repr(chunk)

@@ -253,19 +253,27 @@ _ALPHABET = " abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,:;
 
 
 def train_llama_like_bpe(corpus: list[str], vocab_size: int, *, special_tokens, added_tokens,
-                         extra_alphabet: str = "", add_bos: bool = True):
+                         extra_alphabet: str = "", add_bos: bool = True,
+                         split_punctuation: bool = False):
     """A `tokenizers.Tokenizer` that behaves like SentencePiece Llama, trained on `corpus`.
 
     special_tokens get the first ids (<unk>, <s>, </s>, ...); added_tokens the ids after the
     learned vocabulary (as llava-hf appends <image> and <pad>). add_bos: prepend <s> (id 1).
+    split_punctuation: every punctuation mark is its own piece, so "red?" and "top." are
+    "▁red" "?" and "▁top" "." -- the same word token as the answer "red" (Llama's vocabulary
+    splits them off the same way). Off by default: the single-round demo's and easy-VQA's
+    tokenizers (and every figure measured on them) stay as they were.
     """
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True))
     # Words start at "▁" (SentencePiece style) and "\n" stands alone, so no merge crosses a
     # line break (Llama's vocabulary has no such pieces either).
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always"),
-        pre_tokenizers.Split("\n", behavior="isolated"),
-    ])
+    steps = [pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always"),
+             pre_tokenizers.Split("\n", behavior="isolated")]
+    if split_punctuation:
+        # After the Metaspace: "▁red?" -> "▁red", "?" (no "▁" before the mark, so decoding
+        # gives "red?" back). Before it, each mark would get its own "▁" and decode as "red ?".
+        steps.append(pre_tokenizers.Punctuation(behavior="isolated"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(steps)
     tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
     alphabet = sorted(set("".join(corpus)) | set(_ALPHABET) | set(extra_alphabet))
     trainer = trainers.BpeTrainer(
@@ -281,10 +289,12 @@ def train_llama_like_bpe(corpus: list[str], vocab_size: int, *, special_tokens, 
     return tokenizer
 
 
-def build_tokenizer(corpus: list[str], output_dir: str, vocab_size: int = 1024) -> str:
-    """Train the Llama-like demo BPE tokenizer on `corpus`; write output_dir/tokenizer.json."""
+def build_tokenizer(corpus: list[str], output_dir: str, vocab_size: int = 1024,
+                    split_punctuation: bool = False) -> str:
+    """Train the Llama-like demo BPE tokenizer on `corpus`; write output_dir/tokenizer.json.
+    split_punctuation: see `train_llama_like_bpe`."""
     tokenizer = train_llama_like_bpe(corpus, vocab_size, special_tokens=SPECIAL_TOKENS,
-                                     added_tokens=EXTRA_TOKENS)
+                                     added_tokens=EXTRA_TOKENS, split_punctuation=split_punctuation)
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, "tokenizer.json")
     tokenizer.save(path)
@@ -369,7 +379,7 @@ def _generate_once(directory: str, version: int, generate) -> None:
 # a random attribute and true half of the time. As in real merged VQA data, a yes/no answer can
 # give another round's answer away ("Is the shape red?" "yes" ... "What color is the shape?").
 
-MULTIROUND_VERSION = 1
+MULTIROUND_VERSION = 2  # 2: the tokenizer splits punctuation off words
 MULTIROUND_CATEGORIES = CATEGORIES + ("yesno",)
 NUM_MR_STAGE1, NUM_MR_IMAGES, NUM_MR_TEXT_ONLY, NUM_MR_EVAL_PER_CATEGORY = 16000, 4000, 200, 100
 YES_NO_QUESTIONS = {
@@ -474,7 +484,11 @@ def _generate_multiround(directory: str) -> dict:
         json.dump(stage2, handle)
     with open(os.path.join(directory, "eval.jsonl"), "w") as handle:
         handle.writelines(json.dumps(line) + "\n" for line in evaluation)
-    build_tokenizer(_corpus(stage1, stage2, evaluation), os.path.join(directory, "tokenizer"))
+    # Punctuation split off: the word that ends a question ("Is the shape red?") or a caption
+    # ("three red squares.") is the same token as the answer word (version 1 had "▁red?",
+    # "▁square?", "▁top." as tokens of their own, never tied to the image or to an answer).
+    build_tokenizer(_corpus(stage1, stage2, evaluation), os.path.join(directory, "tokenizer"),
+                    split_punctuation=True)
     return {"num_stage1": len(stage1), "num_stage2": len(stage2), "num_eval": len(evaluation)}
 
 
