@@ -4,6 +4,7 @@ exports checked in transformers / peft, PEFT adapters made in PyTorch imported, 
 One LoRA run (3 steps on the tiny demo checkpoint) is shared by the export tests.
 """
 
+import json
 import subprocess
 import sys
 import types
@@ -248,6 +249,51 @@ def test_pytorch_peft_adapter_imports_with_transformers_logits(hf_base, lora_run
     adapters.import_peft_adapter(str(original), lora_run.base, str(tmp_path / "from_original"))
     again = load_pretrained(tmp_path / "from_original")
     np.testing.assert_allclose(logits_of(again.model, ids, pixels), expected, atol=TOL, rtol=0)
+
+
+def test_adapter_with_trained_lm_head_and_embeddings_round_trips_through_peft(
+        demo_data, tiny_demo_checkpoint, hf_base, tmp_path):  # noqa: F811
+    """configs/demo.py:lora also trains the LM head and the embeddings: --adapter-only carries
+    them as PEFT modules_to_save, PEFT's model gives our logits, and peft-to-jax brings the
+    adapter back to the same model. A layer norm trained in every layer has no PEFT form."""
+    import peft
+
+    config = lora_config(demo_data, tiny_demo_checkpoint, dropout=0.0)
+    config.trainable = (r"(^multi_modal_projector/|/lora_[ab]$"
+                        r"|^language_model/(lm_head|embed_tokens)/)")
+    workdir = tmp_path / "run"
+    Trainer(config, str(workdir)).run()
+    ours = load_pretrained(workdir)
+    base = load_pretrained(tiny_demo_checkpoint)
+    for leaf in ("language_model/lm_head/kernel/value",
+                 "language_model/embed_tokens/embedding/value"):
+        assert not np.array_equal(flat(nnx.state(ours.model, nnx.Param))[leaf],
+                                  flat(nnx.state(base.model, nnx.Param))[leaf])  # trained
+
+    out = tmp_path / "adapter"
+    run_cli("jax-to-hf", "--input", str(workdir), "--output", str(out), "--adapter-only")
+    saved = json.loads((out / "adapter_config.json").read_text())["modules_to_save"]
+    assert sorted(saved) == ["embed_tokens", "lm_head", "multi_modal_projector"]
+    hf = transformers.LlavaForConditionalGeneration.from_pretrained(hf_base).float().eval()
+    model = peft.PeftModel.from_pretrained(hf, str(out)).eval()
+    ids, pixels = sample_inputs(ours.config)
+    expected = logits_of(ours.model, ids, pixels)
+    np.testing.assert_allclose(reference_logits(model, ids, pixels), expected, atol=TOL, rtol=0)
+
+    run_cli("peft-to-jax", "--input", str(out), "--base", tiny_demo_checkpoint,
+            "--output", str(tmp_path / "imported"))
+    imported = load_pretrained(tmp_path / "imported")
+    np.testing.assert_allclose(logits_of(imported.model, ids, pixels), expected, atol=TOL, rtol=0)
+
+    norms = tmp_path / "norms"
+    config.trainable = r"(^multi_modal_projector/|/lora_[ab]$|/input_layernorm/)"
+    config.optim.total_steps = 1
+    Trainer(config, str(norms)).run()
+    done = subprocess.run([sys.executable, "-m", "llava_jax.convert", "jax-to-hf", "--input",
+                           str(norms), "--output", str(tmp_path / "x"), "--adapter-only"],
+                          capture_output=True, text=True)
+    assert done.returncode != 0 and "input_layernorm" in done.stderr
+    assert "without --adapter-only" in done.stderr and not (tmp_path / "x").exists()
 
 
 def test_adapter_only_export_of_a_plain_model_fails_clearly(lora_run, tmp_path):

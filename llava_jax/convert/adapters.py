@@ -2,7 +2,8 @@
 
 write_peft_adapter:  LoRA workdir / model directory -> PEFT adapter directory
                      (adapter_config.json + adapter_model.safetensors; the projector, which a
-                     LoRA run trains fully, as PEFT `modules_to_save`)
+                     LoRA run trains fully, and any whole module trained beside the adapters,
+                     such as the LM head and embeddings, as PEFT `modules_to_save`)
 import_peft_adapter: PEFT adapter directory (or the original's `adapter_model.*` +
                      `non_lora_trainables.bin`) + a converted base -> LoRA model directory
                      (trainable further, or served by `load_pretrained`)
@@ -118,13 +119,8 @@ def write_peft_adapter(input_dir: str, output_dir: str, *, dtype: str | None = N
         raise ValueError(f"--dtype={dtype!r}; use one of {sorted(_NP_DTYPES)}.")
     if output.exists() and not overwrite:
         raise FileExistsError(f"{output} already exists; pass --overwrite to replace it.")
-    extra = _other_trained_leaves(input_dir, reader.stored)
-    if extra:
-        raise CheckpointError(
-            f"{input_dir} also trained {len(extra)} leaves besides the adapters and the projector "
-            f"(config.trainable; e.g. {extra[:3]}), which this adapter export does not carry: "
-            "export the merged model instead (jax-to-hf without --adapter-only).")
     specs = _specs_by_path(config)
+    saved_modules = _modules_to_save(input_dir, reader.stored, specs)
     tensors, patterns = {}, set()
     for module in reader.modules:
         spec = specs[f"{module}/kernel"]
@@ -140,7 +136,7 @@ def write_peft_adapter(input_dir: str, output_dir: str, *, dtype: str | None = N
         patterns.add(re.escape(_module_name(spec.torch_names[0])).replace(
             r"\.layers\.0\.", r"\.layers\.\d+\."))
     for path, spec in specs.items():
-        if path.startswith(PROJECTOR):
+        if path.startswith(PROJECTOR) or path.rsplit("/", 1)[0] in saved_modules:
             value = spec.to_torch(reader(path))
             (name,) = spec.torch_names
             key = PEFT_PREFIX + mapping.transformers_module_name(name)
@@ -152,7 +148,8 @@ def write_peft_adapter(input_dir: str, output_dir: str, *, dtype: str | None = N
         "base_model_name_or_path": base_model_name_or_path, "r": adapters.rank,
         "lora_alpha": adapters.alpha, "lora_dropout": adapters.dropout,
         "target_modules": "(" + "|".join(sorted(patterns)) + ")",
-        "modules_to_save": ["multi_modal_projector"], "bias": "none", "fan_in_fan_out": False,
+        "modules_to_save": ["multi_modal_projector", *sorted(saved_modules.values())],
+        "bias": "none", "fan_in_fan_out": False,
         "use_rslora": False, "use_dora": False, "init_lora_weights": True, "inference_mode": True,
         "rank_pattern": {}, "alpha_pattern": {},
     }
@@ -172,6 +169,28 @@ def write_peft_adapter(input_dir: str, output_dir: str, *, dtype: str | None = N
                     "(merge with jax-to-hf for the exact trained model)", input_dir,
                     adapters.base_quantization)
     return output
+
+
+def _modules_to_save(input_dir, stored_paths, specs) -> dict[str, str]:
+    """Whole modules a run's `config.trainable` trained besides adapters + projector (the LM
+    head, the embeddings: configs/demo.py:lora), as {our module path: the transformers module
+    name PEFT's `modules_to_save` matches}. PEFT saves such a module whole; a module trained
+    only in part, or one inside the stacked layers (a norm of every layer), has no PEFT form."""
+    extra = _other_trained_leaves(input_dir, stored_paths)
+    modules: dict[str, str] = {}
+    for path in extra:
+        module = path.rsplit("/", 1)[0]
+        spec = specs.get(path)
+        siblings = [p for p in stored_paths if p.rsplit("/", 1)[0] == module]
+        if spec is None or spec.stacked or not set(siblings) <= set(extra):
+            raise CheckpointError(
+                f"{input_dir} also trained {path} (config.trainable), which a PEFT adapter "
+                "cannot carry (PEFT's modules_to_save holds whole modules outside the "
+                "repeated layers): export the merged model instead (jax-to-hf without "
+                "--adapter-only).")
+        (name,) = spec.torch_names
+        modules[module] = mapping.transformers_module_name(name).rsplit(".", 2)[-2]
+    return modules
 
 
 def _other_trained_leaves(input_dir, stored_paths) -> list[str]:
@@ -290,7 +309,9 @@ def import_peft_adapter(adapter_dir: str, base_dir: str, output_dir: str, *,
             continue
         name = re.sub(r"\.modules_to_save\.[A-Za-z0-9_]+\.", ".", name)
         target = by_torch.get(canonical(name) or "")
-        if target is not None and target[0].path.startswith(PROJECTOR):
+        # A whole tensor in an adapter file is a modules_to_save module's: the projector, or
+        # an LM head / embedding table trained beside the adapters (never a stacked layer's).
+        if target is not None and not target[0].stacked:
             projector[target[0].path] = target[0].to_ours(np.asarray(reader.get(raw)))
         else:
             unknown.append(raw)
@@ -300,8 +321,10 @@ def import_peft_adapter(adapter_dir: str, base_dir: str, output_dir: str, *,
     if not found:
         raise CheckpointError(f"{adapter_dir}: no lora_A / lora_B tensors.")
     projector_paths = [p for p in specs if p.startswith(PROJECTOR)]
-    if projector and set(projector) != set(projector_paths):
-        raise CheckpointError(f"{adapter_dir}: projector tensors for {sorted(projector)} but the "
+    projector_found = {p for p in projector if p.startswith(PROJECTOR)}
+    if projector_found and projector_found != set(projector_paths):
+        raise CheckpointError(f"{adapter_dir}: projector tensors for {sorted(projector_found)} "
+                              "but the "
                               f"base's projector has {sorted(projector_paths)}.")
     adapters = lora.LoraConfig(
         rank=rank, alpha=alpha, dropout=float(fields.get("lora_dropout") or 0.0),
