@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("llava-to-jax", help="original LLaVA (+ CLIP) -> llava_jax")
     p.add_argument("--input", required=True,
-                   help="LlavaLlamaForCausalLM directory, or a plain LLaMA/Vicuna with --projector")
+                   help="LlavaLlamaForCausalLM / LlavaMistralForCausalLM directory (LLaVA-1.5, "
+                        "or LLaVA-1.6 anyres), or a plain LLaMA/Vicuna with --projector")
     p.add_argument("--vision-tower", required=True, help="CLIPVisionModel or CLIPModel directory")
     p.add_argument("--projector", default=None, help="stage-1 mm_projector.bin (or .safetensors)")
     p.add_argument("--init-projector", default=None, metavar="TYPE",

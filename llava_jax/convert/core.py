@@ -206,9 +206,9 @@ def llava_to_jax(input_dir: str, vision_tower_dir: str, output_dir: str, *,
     input_dir, vision_dir = Path(input_dir), Path(vision_tower_dir)
     config_json = _read_json(input_dir / "config.json")
     model_type = config_json.get("model_type")
-    if model_type not in ("llava_llama", "llava", "llama"):
+    if model_type not in ("llava_llama", "llava_mistral", "llava", "llama"):
         raise CheckpointError(f"{input_dir / 'config.json'}: model_type {model_type!r} is not an "
-                              "original LLaVA (llava_llama) or LLaMA model.")
+                              "original LLaVA (llava_llama, llava_mistral) or LLaMA model.")
     if model_type == "llava":
         raise CheckpointError(f"{input_dir} is a transformers LLaVA directory; use `hf-to-jax`.")
     if projector is not None and init_projector is not None:
@@ -262,6 +262,8 @@ def llava_to_jax(input_dir: str, vision_tower_dir: str, output_dir: str, *,
         source=str(input_dir / "config.json"))
     dtype_name, np_dtype = _resolve_dtype(dtype, _torch_dtype_name(config_json))
     config = config.replace(param_dtype=dtype_name, dtype=dtype_name)
+    if not config.anyres:
+        owner.pop("image_newline", None)  # a flat model has no use for a 1.6 newline
 
     head_name = "language_model.lm_head.weight"
     specs = _specs(config)

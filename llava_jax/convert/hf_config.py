@@ -253,22 +253,42 @@ def from_hf_llava(config: dict[str, Any], source: str = "config.json") -> LlavaC
 def from_original_llava(config: dict[str, Any], clip_config: dict[str, Any], *,
                         vocab_size: int, image_token_index: int, pad_token_id: int,
                         projector_type: str | None = None, source: str = "config.json") -> LlavaConfig:
-    """Original `LlavaLlamaForCausalLM` config + CLIP config -> LlavaConfig.
+    """Original `LlavaLlamaForCausalLM` / `LlavaMistralForCausalLM` config (LLaVA-1.5, or
+    LLaVA-1.6 with image_aspect_ratio 'anyres') + CLIP config -> LlavaConfig.
 
     `vocab_size` is the padded vocabulary after adding `<image>` and `<pad>`.
     """
     # A head missing from the checkpoint is cloned from the embeddings (as transformers'
     # conversion does), so the result is always untied.
-    text = text_config_from_llama({**config, "model_type": "llama", "vocab_size": vocab_size,
-                                   "tie_word_embeddings": False}, source)
+    decoder = "mistral" if config.get("model_type") == "llava_mistral" else "llama"
+    text = text_config_from_hf({**config, "model_type": decoder, "vocab_size": vocab_size,
+                                "tie_word_embeddings": False}, source)
     select = config.get("mm_vision_select_feature", "patch")
     if select not in ("patch", "cls_patch"):
         raise ConfigError(f"{source}: mm_vision_select_feature={select!r} is unknown.")
     merge = config.get("mm_patch_merge_type", "flat")
-    if merge != "flat":
-        raise ConfigError(f"{source}: mm_patch_merge_type={merge!r} (LLaVA-1.6 'anyres') is not "
-                          "supported; only 'flat' (LLaVA / LLaVA-1.5).")
     aspect = config.get("image_aspect_ratio", "square")
+    if aspect == "anyres":  # LLaVA-1.6 (liuhaotian llava-v1.6-*)
+        if merge != "spatial_unpad":
+            raise ConfigError(f"{source}: mm_patch_merge_type={merge!r} with image_aspect_ratio="
+                              "'anyres' is not supported; only 'spatial_unpad' (LLaVA-1.6).")
+        pinpoints = config.get("image_grid_pinpoints")
+        try:
+            pinpoints = tuple((int(h), int(w)) for h, w in pinpoints)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{source}: image_grid_pinpoints={pinpoints!r} is not a list of "
+                              "[height, width] pairs.") from e
+        layout = dict(image_aspect="anyres", image_grid_pinpoints=pinpoints,
+                      mm_patch_merge_type="spatial_unpad")
+    elif isinstance(aspect, str) and aspect.startswith("anyres"):
+        raise ConfigError(f"{source}: image_aspect_ratio={aspect!r} is not supported in the "
+                          "original layout; 'anyres' (LLaVA-1.6), 'pad' or 'square'.")
+    elif merge != "flat":
+        raise ConfigError(f"{source}: mm_patch_merge_type={merge!r} is only supported with "
+                          "image_aspect_ratio='anyres' ('spatial_unpad', LLaVA-1.6); flat "
+                          "models use 'flat'.")
+    else:
+        layout = dict(image_aspect="pad" if aspect == "pad" else "square")
     return LlavaConfig(
         vision=vision_config_from_clip(clip_config, source),
         text=text,
@@ -279,7 +299,7 @@ def from_original_llava(config: dict[str, Any], clip_config: dict[str, Any], *,
         pad_token_id=pad_token_id,
         bos_token_id=config.get("bos_token_id", 1),
         eos_token_id=config.get("eos_token_id", 2),
-        image_aspect="pad" if aspect == "pad" else "square",
+        **layout,
     )
 
 

@@ -149,8 +149,6 @@ def flatten_params(model) -> dict:
 _IGNORED = re.compile(
     r"(\.rotary_emb\.inv_freq$|\.position_ids$|^text_model\.|^visual_projection\.|"
     r"^text_projection\.|^logit_scale$)")
-# The original layout's LLaVA-1.6 newline, unused by the flat models llava-to-jax converts.
-_IGNORED_ORIGINAL = re.compile(r"^(model\.)?image_newline$")
 
 
 def canonical_hf_name(name: str) -> str | None:
@@ -175,7 +173,7 @@ def canonical_hf_name(name: str) -> str | None:
 
 def canonical_llava_name(name: str) -> str | None:
     """Original LLaVA (`LlavaLlamaForCausalLM`) state-dict name -> canonical name."""
-    if _IGNORED.search(name) or _IGNORED_ORIGINAL.search(name):
+    if _IGNORED.search(name):
         return None
     match = re.fullmatch(r"model\.mm_projector\.(\d+)\.(weight|bias)", name)
     if match:  # Sequential indices 0, 2, 4 (GELUs in between) -> linear_1, linear_2, ...
@@ -183,6 +181,8 @@ def canonical_llava_name(name: str) -> str | None:
     match = re.fullmatch(r"mm_projector\.(\d+)\.(weight|bias)", name)  # stripped prefix
     if match:
         return f"multi_modal_projector.linear_{int(match.group(1)) // 2 + 1}.{match.group(2)}"
+    if name in ("model.image_newline", "image_newline"):  # LLaVA-1.6's learned newline
+        return "image_newline"
     if name.startswith("model.vision_tower.vision_tower."):
         return "vision_tower." + name[len("model.vision_tower.vision_tower."):]
     if name == "lm_head.weight":

@@ -1,0 +1,152 @@
+"""The original LLaVA-1.6 layout (liuhaotian llava-v1.6-*: LlavaLlamaForCausalLM /
+LlavaMistralForCausalLM with image_aspect_ratio 'anyres', image_grid_pinpoints,
+mm_patch_merge_type 'spatial_unpad' and model.image_newline) through `llava-to-jax`, against
+transformers' LlavaNextForConditionalGeneration holding the same tensors."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from PIL import Image
+from tokenizers import Tokenizer
+
+from llava_jax import load_pretrained
+from llava_jax.convert import hf_config
+from test_convert_anyres import PHOTOS, family
+
+TOL = 1e-4
+
+
+def without_image_tokens(tokenizer, directory):
+    """The tokenizer as the original release ships it: no <image>, no <pad> (conversion adds
+    them at the end of the vocabulary, where the test tokenizer has them)."""
+    data = json.loads(tokenizer.backend_tokenizer.to_str())
+    dropped = {"<image>", "<pad>"}
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] not in dropped]
+    for token in dropped:
+        data["model"]["vocab"].pop(token, None)
+    plain = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(data)), bos_token="<s>",
+        eos_token="</s>", unk_token="<unk>")
+    assert len(plain) == len(tokenizer) - 2
+    plain.save_pretrained(directory)
+    return len(plain)
+
+
+def write_original_next(tmp_path, decoder):
+    """A random LLaVA-NeXT in the original v1.6 layout + its CLIP tower directory."""
+    config, _, tokenizer, processor = family("next")
+    llava_dir = tmp_path / "llava-v1.6"
+    llava_dir.mkdir()
+    vocab = without_image_tokens(tokenizer, llava_dir)
+    text = config.text_config.to_dict()
+    text.update(vocab_size=vocab, pad_token_id=None)  # the original has no <pad>
+    if decoder == "mistral":  # a window shorter than the photo rows' sequences
+        text = transformers.MistralConfig(**{k: text[k] for k in (
+            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
+            "pad_token_id")}, sliding_window=48).to_dict()
+        config.text_config = transformers.MistralConfig(**text)
+    else:
+        config.text_config = transformers.LlamaConfig(**text)
+    torch.manual_seed(3)
+    model = transformers.LlavaNextForConditionalGeneration(config).float().eval()
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    original = {}
+    for key, value in state.items():
+        if key.startswith("model.vision_tower."):
+            continue
+        if key.startswith("model.multi_modal_projector.linear_"):
+            index = 0 if ".linear_1." in key else 2
+            original[f"model.mm_projector.{index}.{key.rsplit('.', 1)[-1]}"] = value
+        elif key.startswith("model.language_model."):
+            original["model." + key[len("model.language_model."):]] = value
+        else:  # lm_head.weight, model.image_newline
+            original[key] = value
+    assert "model.image_newline" in original
+    from safetensors.torch import save_file
+    save_file(original, str(llava_dir / "model.safetensors"))
+    fields = dict(text, model_type="llava_llama" if decoder == "llama" else "llava_mistral",
+                  architectures=["LlavaLlamaForCausalLM" if decoder == "llama" else
+                                 "LlavaMistralForCausalLM"],
+                  mm_vision_tower="openai/clip-tiny", mm_projector_type="mlp2x_gelu",
+                  mm_hidden_size=config.vision_config.hidden_size, mm_vision_select_layer=-2,
+                  mm_vision_select_feature="patch", image_aspect_ratio="anyres",
+                  image_grid_pinpoints=config.image_grid_pinpoints,
+                  mm_patch_merge_type="spatial_unpad")
+    (llava_dir / "config.json").write_text(json.dumps(fields))
+    clip = transformers.CLIPVisionModel(config.vision_config).float()
+    clip.load_state_dict({k[len("model.vision_tower."):]: v for k, v in state.items()
+                          if k.startswith("model.vision_tower.")})
+    clip.save_pretrained(tmp_path / "clip")
+    return llava_dir, tmp_path / "clip", state, processor, vocab
+
+
+@pytest.mark.parametrize("decoder", ["llama", "mistral"])
+def test_original_v16_directory_gives_transformers_logits(tmp_path, decoder):
+    llava_dir, clip_dir, state, processor, vocab = write_original_next(tmp_path, decoder)
+    done = subprocess.run([sys.executable, "-m", "llava_jax.convert", "llava-to-jax", "--input",
+                           str(llava_dir), "--vision-tower", str(clip_dir), "--output",
+                           str(tmp_path / "jax"), "--no-progress"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    loaded = load_pretrained(tmp_path / "jax")
+    config = loaded.config
+    assert config.anyres and config.image_aspect == "anyres"
+    assert config.mm_patch_merge_type == "spatial_unpad" and config.text.model_type == decoder
+    assert [list(p) for p in config.image_grid_pinpoints] == json.loads(
+        (llava_dir / "config.json").read_text())["image_grid_pinpoints"]
+    assert config.image_token_index == vocab and config.text.vocab_size % 64 == 0
+    np.testing.assert_array_equal(np.asarray(loaded.model.image_newline[...]),
+                                  state["model.image_newline"].numpy())
+
+    # transformers' LLaVA-NeXT holding the original tensors + the converter's new vocab rows.
+    reference = transformers.LlavaNextForConditionalGeneration(
+        transformers.LlavaNextConfig.from_dict(hf_config.to_hf_llava(config))).float().eval()
+    embed = np.asarray(loaded.model.language_model.embed_tokens.embedding[...])
+    head = np.asarray(loaded.model.language_model.lm_head.kernel[...]).T
+    np.testing.assert_array_equal(embed[:vocab],
+                                  state["model.language_model.embed_tokens.weight"].numpy())
+    state = dict(state)
+    state["model.language_model.embed_tokens.weight"] = torch.from_numpy(embed.copy())
+    state["lm_head.weight"] = torch.from_numpy(head.copy())
+    missing, unexpected = reference.load_state_dict(state, strict=False)
+    assert not missing and not unexpected, (missing, unexpected)
+
+    photos = [Image.fromarray(load()) for load in PHOTOS[:3]]
+    texts = ["USER: <image>\nWhat is in the image? ASSISTANT:",
+             "<image> one, <image> two: which is the cat?", "A row with no image at all."]
+    rows = [[photos[0]], [photos[1], photos[2]], []]  # a wide, a square, a tall photo
+    ours = loaded.processor(text=texts, images=rows)
+    theirs = processor(text=texts, images=[p for row in rows for p in row], padding=True,
+                       return_tensors="pt")
+    np.testing.assert_array_equal(ours["input_ids"], theirs["input_ids"].numpy())
+    logits = np.asarray(loaded.model(**ours))
+    with torch.no_grad():
+        expected = reference(**theirs).logits.numpy()
+    real = ours["attention_mask"].astype(bool)
+    np.testing.assert_allclose(logits[real], expected[real], atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("change, field", [
+    (dict(mm_patch_merge_type="flat"), "mm_patch_merge_type"),
+    (dict(mm_patch_merge_type="spatial"), "mm_patch_merge_type"),
+    (dict(image_aspect_ratio="anyres_max_9"), "image_aspect_ratio"),
+    (dict(image_grid_pinpoints="(1x1),...,(6x6)"), "image_grid_pinpoints"),
+    (dict(image_aspect_ratio="pad", mm_patch_merge_type="spatial_unpad"), "mm_patch_merge_type"),
+])
+def test_unsupported_original_v16_values_fail_naming_the_field(change, field):
+    fields = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                  num_attention_heads=4, mm_projector_type="mlp2x_gelu",
+                  image_aspect_ratio="anyres", mm_patch_merge_type="spatial_unpad",
+                  image_grid_pinpoints=[[28, 56], [56, 28]])
+    fields.update(change)
+    clip = transformers.CLIPVisionConfig(hidden_size=48, intermediate_size=80,
+                                         num_hidden_layers=2, num_attention_heads=3,
+                                         image_size=28, patch_size=7).to_dict()
+    with pytest.raises(hf_config.ConfigError, match=field):
+        hf_config.from_original_llava(fields, clip, vocab_size=128, image_token_index=100,
+                                      pad_token_id=101)
