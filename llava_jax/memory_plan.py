@@ -62,6 +62,10 @@ def _model_config(config):
         model_config = ckpt.read_config(config.model.base_dir)
     else:
         sys.exit(f"config.model.base_dir={config.model.base_dir!r} is not here: pass --preset.")
+    if model_config.anyres:
+        sys.exit(f"--preset={_PRESET.value or config.model.base_dir}: a tiled (image_aspect="
+                 f"{model_config.image_aspect!r}) model; training, and so its memory plan, takes "
+                 "flat LLaVA models only so far.")
     return model_config.replace(
         dtype=config.model.dtype, param_dtype=config.model.param_dtype,
         remat_policy=config.model.remat_policy, scan_layers=config.model.scan_layers,

@@ -203,11 +203,17 @@ def test_text_presets_count_what_transformers_and_the_releases_count():
 
 
 @pytest.mark.parametrize("name", ["llava-llama-3.1-8b", "llava-mistral-7b", "llava-qwen2-0.5b",
-                                  "llava-qwen2-7b", "llava-llama-3-8b"])
+                                  "llava-qwen2-7b", "llava-llama-3-8b", "llava-v1.6-vicuna-7b",
+                                  "llava-v1.6-vicuna-13b", "llava-v1.6-mistral-7b",
+                                  "llama3-llava-next-8b", "llava-onevision-qwen2-0.5b",
+                                  "llava-onevision-qwen2-7b"])
 def test_llava_presets_count_what_transformers_counts(name):
     config = PRESETS[name]
-    hf = transformers.LlavaConfig.from_dict(hf_config.to_hf_llava(config))
+    hf_json = hf_config.to_hf_llava(config)
+    (architecture,) = hf_json["architectures"]
+    assert (architecture != "LlavaForConditionalGeneration") == config.anyres
+    hf = transformers.AutoConfig.for_model(**hf_json)
     assert count_params(abstract_model(config)) == _meta_count(
-        transformers.LlavaForConditionalGeneration, hf)
+        getattr(transformers, architecture), hf)
     assert hf_config.from_hf_llava(hf_config.to_hf_llava(config)).replace(
         text={"head_dim": config.text.head_dim}) == config

@@ -438,6 +438,21 @@ PRESETS: dict[str, LlavaConfig] = {
                                 bos=151643, eos=151645, tokenizer_size=151646,
                                 vision=_SIGLIP_SO400M_384, vision_feature_layer=-1,
                                 vision_feature_select_strategy="cls_patch"),
+}
+# LLaVA-NeXT (liuhaotian llava-v1.6-*, llava-hf *-next-*) and LLaVA-OneVision (lmms-lab, llava-hf
+# llava-onevision-qwen2-*): the flat models above with tiled images, as their configs say.
+_NEXT = dict(image_aspect="anyres", mm_patch_merge_type="spatial_unpad",
+             image_grid_pinpoints=((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)))
+_ONEVISION = dict(image_aspect="anyres_max_9", mm_patch_merge_type="spatial_unpad",
+                  image_grid_pinpoints=tuple((384 * i, 384 * j) for i in range(1, 7)
+                                             for j in range(1, 7)))
+PRESETS |= {
+    "llava-v1.6-vicuna-7b": PRESETS["llava-v1.5-7b"].replace(**_NEXT),
+    "llava-v1.6-vicuna-13b": PRESETS["llava-v1.5-13b"].replace(**_NEXT),
+    "llava-v1.6-mistral-7b": PRESETS["llava-mistral-7b"].replace(**_NEXT),
+    "llama3-llava-next-8b": PRESETS["llava-llama-3-8b"].replace(**_NEXT),
+    "llava-onevision-qwen2-0.5b": PRESETS["llava-qwen2-0.5b"].replace(**_ONEVISION),
+    "llava-onevision-qwen2-7b": PRESETS["llava-qwen2-7b"].replace(**_ONEVISION),
     # Tests and the CPU demo: every feature of the big models at toy width.
     "tiny": LlavaConfig(
         vision=VisionConfig(

@@ -95,6 +95,12 @@ def build_setup(c, model_config: LlavaConfig, mesh, total_steps: int) -> TrainSe
     leaves are held in the compute dtype (model.dtype): the base never updates, so float32
     master copies would only double its memory.
     """
+    if model_config.anyres:
+        raise ValueError(
+            f"model: image_aspect={model_config.image_aspect!r} (a tiled LLaVA-NeXT / OneVision "
+            "model) cannot be trained or planned yet: the training pipeline feeds flat images "
+            "only. Inference, conversion and the processor support it (README, 'Supported "
+            "models').")
     adapters = run_adapters(c)
     if adapters is None:
         graphdef, abstract = abstract_params(model_config)
