@@ -150,7 +150,8 @@ def test_lora_accumulated_step_equals_one_big_micro_batch(tmp_path, demo_data,  
     keep = optax.GradientTransformation(  # state := the gradients; parameters unchanged
         lambda params: jax.tree.map(jnp.zeros_like, params),
         lambda grads, opt_state, params=None: (jax.tree.map(jnp.zeros_like, grads), grads))
-    step = jax.jit(make_train_step(s.graphdef, keep, loss_chunk_size=trainer.config.loss_chunk_size))
+    step = jax.jit(make_train_step(s.graphdef, keep,
+                                   loss_chunk_size=trainer.config.loss_chunk_size))
     batch = trainer._next_batch(trainer._dataset())
     assert batch["input_ids"].shape[0] == 2  # [accum, rows, length]
     whole = {k: v.reshape(1, v.shape[0] * v.shape[1], *v.shape[2:]) for k, v in batch.items()}

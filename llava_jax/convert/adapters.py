@@ -259,10 +259,11 @@ def import_peft_adapter(adapter_dir: str, base_dir: str, output_dir: str, *,
 
     base_dir: a llava_jax model directory of the adapter's base (`hf-to-jax` / `llava-to-jax`).
     The result holds the base (int8 / nf4 with `base_quantization`), the adapters and the
-    adapter's projector (`modules_to_save`, or the original's non_lora_trainables.bin) when it
-    has one; train on with `--config.model.base_dir=OUTPUT --config.lora.rank=R`, or load with
-    `load_pretrained(OUTPUT)`. Modules the adapter holds for only some layers get zero
-    adapters on the others (logged).
+    adapter's projector (`modules_to_save`, or the original's non_lora_trainables.bin) and any
+    other whole module it saved (an LM head, the embeddings) when it has them; train on with
+    `--config.model.base_dir=OUTPUT --config.lora.rank=R`, or load with
+    `load_pretrained(OUTPUT)`. Modules the adapter holds for only some layers get zero adapters
+    on the others (logged).
     """
     adapter_dir, base_path = Path(adapter_dir), Path(base_dir)
     fields = _read_adapter_config(adapter_dir)
@@ -284,7 +285,7 @@ def import_peft_adapter(adapter_dir: str, base_dir: str, output_dir: str, *,
     canonical = mapping.canonical_llava_name if original else mapping.canonical_hf_name
 
     found: dict[str, dict[str, dict[int, np.ndarray]]] = {}
-    projector: dict[str, np.ndarray] = {}
+    whole: dict[str, np.ndarray] = {}  # modules_to_save tensors: our path -> value
     unknown = []
     for (reader, raw), name in zip(raw_names, stripped):
         match = _ADAPTER_KEY.fullmatch(name)
@@ -312,7 +313,7 @@ def import_peft_adapter(adapter_dir: str, base_dir: str, output_dir: str, *,
         # A whole tensor in an adapter file is a modules_to_save module's: the projector, or
         # an LM head / embedding table trained beside the adapters (never a stacked layer's).
         if target is not None and not target[0].stacked:
-            projector[target[0].path] = target[0].to_ours(np.asarray(reader.get(raw)))
+            whole[target[0].path] = target[0].to_ours(np.asarray(reader.get(raw)))
         else:
             unknown.append(raw)
     if unknown:
@@ -321,11 +322,10 @@ def import_peft_adapter(adapter_dir: str, base_dir: str, output_dir: str, *,
     if not found:
         raise CheckpointError(f"{adapter_dir}: no lora_A / lora_B tensors.")
     projector_paths = [p for p in specs if p.startswith(PROJECTOR)]
-    projector_found = {p for p in projector if p.startswith(PROJECTOR)}
-    if projector_found and projector_found != set(projector_paths):
-        raise CheckpointError(f"{adapter_dir}: projector tensors for {sorted(projector_found)} "
-                              "but the "
-                              f"base's projector has {sorted(projector_paths)}.")
+    projector = {p for p in whole if p.startswith(PROJECTOR)}
+    if projector and projector != set(projector_paths):
+        raise CheckpointError(f"{adapter_dir}: projector tensors for {sorted(projector)} but "
+                              f"the base's projector has {sorted(projector_paths)}.")
     adapters = lora.LoraConfig(
         rank=rank, alpha=alpha, dropout=float(fields.get("lora_dropout") or 0.0),
         targets="^(" + "|".join(re.escape(m) for m in sorted(found)) + ")$",
@@ -335,8 +335,8 @@ def import_peft_adapter(adapter_dir: str, base_dir: str, output_dir: str, *,
     with checkpoint.ModelWriter(output_dir, config, overwrite=overwrite) as writer:
         for path, spec in specs.items():
             module = path.rsplit("/", 1)[0]
-            if path in projector:
-                writer.add(path, projector[path].astype(stored[path]))
+            if path in whole:
+                writer.add(path, whole[path].astype(stored[path]))
                 continue
             value = checkpoint.load_param_leaf(base_path, path, spec.shape, stored[path])
             if module not in found or not path.endswith("/kernel"):
