@@ -37,8 +37,10 @@ def without_image_tokens(tokenizer, directory):
     return len(plain)
 
 
-def write_original_next(tmp_path, decoder):
-    """A random LLaVA-NeXT in the original v1.6 layout + its CLIP tower directory."""
+def write_original_next(tmp_path, decoder, tuned_tower=False):
+    """A random LLaVA-NeXT in the original v1.6 layout + its CLIP tower directory.
+    tuned_tower: the checkpoint holds the tower (unfreeze_mm_vision_tower, as the released
+    v1.6 models do) and the CLIP directory another, untuned one."""
     config, _, tokenizer, processor = family("next")
     llava_dir = tmp_path / "llava-v1.6"
     llava_dir.mkdir()
@@ -59,6 +61,9 @@ def write_original_next(tmp_path, decoder):
     original = {}
     for key, value in state.items():
         if key.startswith("model.vision_tower."):
+            if tuned_tower:
+                original["model.vision_tower.vision_tower.vision_model." +
+                         key[len("model.vision_tower."):]] = value
             continue
         if key.startswith("model.multi_modal_projector.linear_"):
             index = 0 if ".linear_1." in key else 2
@@ -77,18 +82,21 @@ def write_original_next(tmp_path, decoder):
                   mm_hidden_size=config.vision_config.hidden_size, mm_vision_select_layer=-2,
                   mm_vision_select_feature="patch", image_aspect_ratio="anyres",
                   image_grid_pinpoints=config.image_grid_pinpoints,
-                  mm_patch_merge_type="spatial_unpad")
+                  mm_patch_merge_type="spatial_unpad", unfreeze_mm_vision_tower=tuned_tower)
     (llava_dir / "config.json").write_text(json.dumps(fields))
     clip = transformers.CLIPVisionModel(config.vision_config).float()
-    clip.load_state_dict({k[len("model.vision_tower."):]: v for k, v in state.items()
-                          if k.startswith("model.vision_tower.")})
+    if not tuned_tower:
+        clip.load_state_dict({k[len("model.vision_tower."):]: v for k, v in state.items()
+                              if k.startswith("model.vision_tower.")})
     clip.save_pretrained(tmp_path / "clip")
     return llava_dir, tmp_path / "clip", state, processor, vocab
 
 
-@pytest.mark.parametrize("decoder", ["llama", "mistral"])
-def test_original_v16_directory_gives_transformers_logits(tmp_path, decoder):
-    llava_dir, clip_dir, state, processor, vocab = write_original_next(tmp_path, decoder)
+@pytest.mark.parametrize("decoder, tuned_tower", [("llama", False), ("mistral", False),
+                                                  ("llama", True)])
+def test_original_v16_directory_gives_transformers_logits(tmp_path, decoder, tuned_tower):
+    llava_dir, clip_dir, state, processor, vocab = write_original_next(tmp_path, decoder,
+                                                                       tuned_tower)
     done = subprocess.run([sys.executable, "-m", "llava_jax.convert", "llava-to-jax", "--input",
                            str(llava_dir), "--vision-tower", str(clip_dir), "--output",
                            str(tmp_path / "jax"), "--no-progress"], capture_output=True, text=True)
@@ -131,13 +139,14 @@ def test_original_v16_directory_gives_transformers_logits(tmp_path, decoder):
         expected = reference(**theirs).logits.numpy()
     real = ours["attention_mask"].astype(bool)
     np.testing.assert_allclose(logits[real], expected[real], atol=TOL, rtol=0)
+    print("max logits diff", np.abs(logits[real] - expected[real]).max())
 
 
 @pytest.mark.parametrize("change, field", [
     (dict(mm_patch_merge_type="flat"), "mm_patch_merge_type"),
     (dict(mm_patch_merge_type="spatial"), "mm_patch_merge_type"),
     (dict(image_aspect_ratio="anyres_max_9"), "image_aspect_ratio"),
-    (dict(image_grid_pinpoints="(1x1),...,(6x6)"), "image_grid_pinpoints"),
+    (dict(image_grid_pinpoints="(1x1),(2x2)"), "image_grid_pinpoints"),
     (dict(image_aspect_ratio="pad", mm_patch_merge_type="spatial_unpad"), "mm_patch_merge_type"),
 ])
 def test_unsupported_original_v16_values_fail_naming_the_field(change, field):
@@ -152,3 +161,129 @@ def test_unsupported_original_v16_values_fail_naming_the_field(change, field):
     with pytest.raises(hf_config.ConfigError, match=field):
         hf_config.from_original_llava(fields, clip, vocab_size=128, image_token_index=100,
                                       pad_token_id=101)
+
+
+def write_original_onevision(tmp_path, model_type, pinpoints):
+    """A random LLaVA-OneVision in lmms-lab's layout (LlavaQwenForCausalLM: the trained SigLIP,
+    one layer short of the released tower, inside the checkpoint; a tokenizer without
+    <image>) + a SigLIP directory one layer deeper, with a pooling head, as released."""
+    config, _, tokenizer, processor = family("onevision")
+    llava_dir = tmp_path / "llava-onevision"
+    llava_dir.mkdir()
+    data = json.loads(tokenizer.backend_tokenizer.to_str())
+    data["added_tokens"] = [t for t in data["added_tokens"]
+                            if t["content"] not in ("<image>", "<pad>")]
+    for token in ("<image>", "<pad>"):
+        data["model"]["vocab"].pop(token, None)
+    plain = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(data)), eos_token="<|im_end|>",
+        pad_token="<|endoftext|>")
+    plain.save_pretrained(llava_dir)
+    torch.manual_seed(5)
+    model = transformers.LlavaOnevisionForConditionalGeneration(config).float().eval()
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    original = {}
+    for key, value in state.items():
+        if key.startswith("model.vision_tower."):
+            # transformers 5 writes no `vision_model.`; the original's SigLIP module has it.
+            original["model.vision_tower.vision_tower.vision_model." +
+                     key[len("model.vision_tower."):]] = value
+        elif key.startswith("model.multi_modal_projector.linear_"):
+            index = 0 if ".linear_1." in key else 2
+            original[f"model.mm_projector.{index}.{key.rsplit('.', 1)[-1]}"] = value
+        elif key.startswith("model.language_model."):
+            original["model." + key[len("model.language_model."):]] = value
+        else:  # lm_head.weight, model.image_newline
+            original[key] = value
+    from safetensors.torch import save_file
+    save_file(original, str(llava_dir / "model.safetensors"))
+    text = config.text_config.to_dict()
+    fields = dict(text, model_type=model_type, architectures=["LlavaQwenForCausalLM"],
+                  mm_vision_tower="google/siglip-tiny", mm_projector_type="mlp2x_gelu",
+                  mm_hidden_size=config.vision_config.hidden_size, mm_vision_select_layer=-2,
+                  mm_vision_select_feature="patch", image_aspect_ratio="anyres_max_2",
+                  image_grid_pinpoints=pinpoints, mm_patch_merge_type="spatial_unpad",
+                  mm_newline_position="grid", mm_spatial_pool_mode="bilinear",
+                  mm_tunable_parts="mm_vision_tower,mm_mlp_adapter,mm_language_model")
+    (llava_dir / "config.json").write_text(json.dumps(fields))
+    released = transformers.SiglipVisionConfig(**{
+        **config.vision_config.to_dict(), "vision_use_head": True,
+        "num_hidden_layers": config.vision_config.num_hidden_layers + 1})
+    transformers.SiglipVisionModel(released).save_pretrained(tmp_path / "siglip")
+    return llava_dir, tmp_path / "siglip", model, processor, len(plain)
+
+
+@pytest.mark.parametrize("model_type, pinpoints", [
+    ("llava_qwen", "(1x1),...,(3x3)"),  # LLaVA-NeXT's training shorthand, 30-pixel tiles
+    ("qwen2", [[30 * i, 30 * j] for i in range(1, 4) for j in range(1, 4)]),
+])
+def test_lmms_lab_onevision_directory_gives_transformers_logits(tmp_path, model_type, pinpoints):
+    llava_dir, siglip_dir, reference, processor, vocab = write_original_onevision(
+        tmp_path, model_type, pinpoints)
+    done = subprocess.run([sys.executable, "-m", "llava_jax.convert", "llava-to-jax", "--input",
+                           str(llava_dir), "--vision-tower", str(siglip_dir), "--output",
+                           str(tmp_path / "jax"), "--no-progress"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    loaded = load_pretrained(tmp_path / "jax")
+    config = loaded.config
+    assert config.image_aspect == "anyres_max_2" and config.text.model_type == "qwen2"
+    assert config.vision.model_type == "siglip_vision_model"
+    assert config.vision.num_layers == reference.config.vision_config.num_hidden_layers
+    assert config.image_token_index == vocab  # <image> right after the tokenizer's tokens
+    assert [list(p) for p in config.image_grid_pinpoints] == [
+        [30 * i, 30 * j] for i in range(1, 4) for j in range(1, 4)]
+    assert loaded.tokenizer.convert_tokens_to_ids("<image>") == vocab
+
+    photos = [Image.fromarray(load()) for load in PHOTOS[:3]]
+    texts = ["<|im_start|>user\n<image>\nWhat is in the image?<|im_end|>\n<|im_start|>assistant\n",
+             "<image> one, <image> two: which is the cat?", "A row with no image at all."]
+    rows = [[photos[0]], [photos[1], photos[2]], []]  # tiled alone; one tile each when two
+    ours = loaded.processor(text=texts, images=rows)
+    theirs = processor(text=texts, images=rows, padding=True, return_tensors="pt")
+    # Same ids except the pad id (the original's <|endoftext|>, llava-hf's added <pad>).
+    real = ours["attention_mask"].astype(bool)
+    np.testing.assert_array_equal(real, theirs["attention_mask"].numpy().astype(bool))
+    np.testing.assert_array_equal(ours["input_ids"][real], theirs["input_ids"].numpy()[real])
+    logits = np.asarray(loaded.model(**ours))
+    with torch.no_grad():
+        expected = reference(**theirs).logits.numpy()
+    assert logits.shape == expected.shape  # every embedding row kept (Qwen2 has spare ones)
+    np.testing.assert_allclose(logits[real], expected[real], atol=TOL, rtol=0)
+    print("max logits diff", np.abs(logits[real] - expected[real]).max())
+
+
+def test_original_layouts_are_told_apart_by_architecture(tmp_path):
+    """Released configs name the class in `architectures`, not always in model_type:
+    liuhaotian's v1.5 / v1.6-Vicuna say model_type 'llava' (transformers' LLaVA has the same
+    name); hf-to-jax on one says to use llava-to-jax, and llava-to-jax takes it."""
+    assert hf_config.original_kind({"model_type": "llava",
+                                    "architectures": ["LlavaLlamaForCausalLM"]}) == "llava_llama"
+    assert hf_config.original_kind({"model_type": "qwen2",
+                                    "architectures": ["LlavaQwenForCausalLM"]}) == "llava_qwen"
+    assert hf_config.original_kind({"model_type": "llava", "text_config": {},
+                                    "architectures": ["LlavaForConditionalGeneration"]}) is None
+    llava_dir, clip_dir, state, _, vocab = write_original_next(tmp_path, "llama")
+    fields = json.loads((llava_dir / "config.json").read_text())
+    (llava_dir / "config.json").write_text(json.dumps(dict(fields, model_type="llava")))
+    done = subprocess.run([sys.executable, "-m", "llava_jax.convert", "hf-to-jax", "--input",
+                           str(llava_dir), "--output", str(tmp_path / "hf")],
+                          capture_output=True, text=True)
+    assert done.returncode != 0 and "llava-to-jax" in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    done = subprocess.run([sys.executable, "-m", "llava_jax.convert", "llava-to-jax", "--input",
+                           str(llava_dir), "--vision-tower", str(clip_dir), "--output",
+                           str(tmp_path / "jax"), "--no-progress"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert load_pretrained(tmp_path / "jax").config.anyres
+
+
+def test_a_trained_tower_missing_from_the_checkpoint_is_an_error(tmp_path):
+    from llava_jax.convert import llava_to_jax
+    from llava_jax.convert.tensors import CheckpointError
+
+    llava_dir, clip_dir, *_ = write_original_next(tmp_path, "llama")
+    fields = json.loads((llava_dir / "config.json").read_text())
+    (llava_dir / "config.json").write_text(json.dumps(dict(fields, unfreeze_mm_vision_tower=True)))
+    with pytest.raises(CheckpointError, match="unfreeze_mm_vision_tower"):
+        llava_to_jax(str(llava_dir), str(clip_dir), str(tmp_path / "jax"), progress=False)
+    assert not (tmp_path / "jax").exists()  # nothing half-written

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -181,6 +182,50 @@ def _write_image_tokenizer(input_dir: Path, target: Path, vocab_size: int) -> No
     tokenizer.save_pretrained(str(target))
 
 
+def _own_tower_config(vision_json: dict, names, input_dir: Path) -> dict:
+    """The --vision-tower config cut to the layers the checkpoint holds, without the head."""
+    vision = dict(vision_json.get("vision_config", vision_json))
+    layers = {int(m.group(1)) for m in map(re.compile(
+        r"vision_tower\.vision_model\.encoder\.layers\.(\d+)\.").match, names) if m}
+    if not layers:
+        raise CheckpointError(f"{input_dir}: the checkpoint's vision tower has no encoder "
+                              "layers (model.vision_tower.vision_tower.vision_model.encoder."
+                              "layers.*).")
+    if max(layers) + 1 > vision.get("num_hidden_layers", 0):
+        raise CheckpointError(f"{input_dir}: the checkpoint's vision tower has {max(layers) + 1} "
+                              f"layers, more than the --vision-tower config's "
+                              f"{vision.get('num_hidden_layers')}: not this tower's checkpoint.")
+    return dict(vision, num_hidden_layers=max(layers) + 1, vision_use_head=False)
+
+
+def _qwen_image_token(input_dir: Path, config_json: dict, rows: int) -> tuple[int, int]:
+    """(<image> id, pad id) for a Qwen2 LLaVA: <image> after the tokenizer's last token (as
+    llava-hf's OneVision conversion adds it), pad the tokenizer's own."""
+    from transformers import PreTrainedTokenizerFast
+
+    if not (input_dir / "tokenizer.json").exists():
+        raise CheckpointError(f"{input_dir}: a llava_qwen checkpoint needs its tokenizer.json "
+                              "(the <image> id follows its last token).")
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(input_dir))
+    image_index = len(tokenizer)
+    if image_index >= rows:
+        raise CheckpointError(f"{input_dir}: the tokenizer's {image_index} tokens leave no spare "
+                              f"row for <image> in the {rows}-row embedding table.")
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = config_json.get("pad_token_id") or tokenizer.eos_token_id
+    return image_index, pad
+
+
+def _write_qwen_image_tokenizer(input_dir: Path, target: Path, image_index: int) -> None:
+    from transformers import AddedToken, PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(input_dir))
+    tokenizer.add_tokens([AddedToken("<image>", special=True, normalized=False)])
+    assert tokenizer.convert_tokens_to_ids("<image>") == image_index
+    tokenizer.save_pretrained(str(target))
+
+
 def _projector_type_from_names(names: list[str]) -> str:
     indices = sorted({int(n.split(".")[1].split("_")[1]) for n in names
                       if n.startswith("multi_modal_projector.linear_")})
@@ -205,12 +250,14 @@ def llava_to_jax(input_dir: str, vision_tower_dir: str, output_dir: str, *,
     """
     input_dir, vision_dir = Path(input_dir), Path(vision_tower_dir)
     config_json = _read_json(input_dir / "config.json")
-    model_type = config_json.get("model_type")
-    if model_type not in ("llava_llama", "llava_mistral", "llava", "llama"):
-        raise CheckpointError(f"{input_dir / 'config.json'}: model_type {model_type!r} is not an "
-                              "original LLaVA (llava_llama, llava_mistral) or LLaMA model.")
+    model_type = hf_config.original_kind(config_json) or config_json.get("model_type")
     if model_type == "llava":
         raise CheckpointError(f"{input_dir} is a transformers LLaVA directory; use `hf-to-jax`.")
+    if model_type not in ("llava_llama", "llava_mistral", "llava_qwen", "llama"):
+        raise CheckpointError(f"{input_dir / 'config.json'}: model_type {model_type!r} "
+                              f"(architectures {config_json.get('architectures')}) is not an "
+                              "original LLaVA (LlavaLlamaForCausalLM, LlavaMistralForCausalLM, "
+                              "LlavaQwenForCausalLM) or LLaMA model.")
     if projector is not None and init_projector is not None:
         raise ValueError("Pass either --projector (a trained one) or --init-projector, not both.")
     if model_type == "llama" and projector is None and init_projector is None:
@@ -223,13 +270,34 @@ def llava_to_jax(input_dir: str, vision_tower_dir: str, output_dir: str, *,
     clip_json = _read_json(vision_dir / "config.json")
 
     llava_reader = TensorReader(input_dir, mapping.canonical_llava_name)
-    readers = [llava_reader, TensorReader(vision_dir, mapping.canonical_clip_name)]
+    # A run that trained the tower (LLaVA-1.6, unfreeze_mm_vision_tower; lmms-lab's OneVision,
+    # whose SigLIP is one layer short of the released one: the original drops the last layer
+    # and the pooling head) keeps it in the checkpoint, and that tower is the model's;
+    # --vision-tower then gives only the tower's config. Otherwise the separate CLIP is it.
+    own_tower = any(name.startswith("vision_tower.") for name in llava_reader.names())
+    if model_type == "llava_qwen" and not own_tower:
+        raise CheckpointError(f"{input_dir}: a LlavaQwenForCausalLM checkpoint without its "
+                              "vision tower (model.vision_tower.vision_tower.*); OneVision "
+                              "keeps its trained, one-layer-shorter SigLIP there.")
+    if config_json.get("unfreeze_mm_vision_tower") and not own_tower:
+        raise CheckpointError(f"{input_dir}: config.json says unfreeze_mm_vision_tower=true but "
+                              "the checkpoint holds no model.vision_tower.vision_tower.* "
+                              "tensors: the trained tower is missing (the base tower from "
+                              "--vision-tower is not what this model was trained with).")
+    if own_tower:
+        logging.info("the vision tower comes from %s (trained with the model); %s gives its "
+                     "config only", input_dir, vision_dir)
+    readers = [llava_reader]
+    if own_tower:
+        clip_json = _own_tower_config(clip_json, llava_reader.names(), input_dir)
+    else:
+        readers.append(TensorReader(vision_dir, mapping.canonical_clip_name))
     if projector is not None:
         readers.append(TensorReader(projector, mapping.canonical_llava_name))
     owner: dict[str, TensorReader] = {}
     for reader in readers:
         for name in reader.names():
-            if name.startswith("vision_tower.") and reader is llava_reader:
+            if name.startswith("vision_tower.") and reader is llava_reader and not own_tower:
                 continue  # the separate CLIP directory is authoritative for the tower
             if name.startswith("multi_modal_projector.") and projector is not None and reader is llava_reader:
                 continue  # an explicit projector file wins
@@ -243,6 +311,9 @@ def llava_to_jax(input_dir: str, vision_tower_dir: str, output_dir: str, *,
     padded_vocab = -(-(old_vocab + 2) // 64) * 64
     # transformers' conversion appends <image> then <pad> to the vocabulary.
     image_index, pad_index = old_vocab, old_vocab + 1
+    if model_type == "llava_qwen":  # Qwen2's table has spare rows: <image> takes the next id
+        image_index, pad_index = _qwen_image_token(input_dir, config_json, old_vocab)
+        padded_vocab = old_vocab
     projector_type = init_projector
     if projector is not None:
         projector_type = _projector_type_from_names(
@@ -291,7 +362,11 @@ def llava_to_jax(input_dir: str, vision_tower_dir: str, output_dir: str, *,
     available = set(owner) | {head_name} | set(fresh_projector)
     _check_names(specs, available, describe, f"{input_dir} + {vision_dir}")
     with checkpoint.ModelWriter(output_dir, config, overwrite=overwrite) as writer:
-        _write_image_tokenizer(input_dir, writer.stage / checkpoint.TOKENIZER_DIR, old_vocab)
+        if model_type == "llava_qwen":
+            _write_qwen_image_tokenizer(input_dir, writer.stage / checkpoint.TOKENIZER_DIR,
+                                        image_index)
+        else:
+            _write_image_tokenizer(input_dir, writer.stage / checkpoint.TOKENIZER_DIR, old_vocab)
         _write_params(specs, get_tensor, describe, writer, np_dtype, progress)
         return writer.finish()
 

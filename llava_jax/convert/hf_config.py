@@ -207,6 +207,10 @@ def from_hf_llava(config: dict[str, Any], source: str = "config.json") -> LlavaC
     """transformers `LlavaConfig` / `LlavaNextConfig` / `LlavaOnevisionConfig` dict ->
     LlavaConfig."""
     model_type = config.get("model_type")
+    if original_kind(config) is not None:
+        raise ConfigError(f"{source}: an original LLaVA layout ({original_kind(config)}, "
+                          f"architectures {config.get('architectures')}); convert it with "
+                          "`llava-to-jax --input DIR --vision-tower TOWER_DIR`.")
     if model_type not in HF_FAMILIES:
         raise ConfigError(f"{source}: model_type is {model_type!r}, expected one of "
                           f"{sorted(HF_FAMILIES)} (a LlavaForConditionalGeneration, "
@@ -250,6 +254,32 @@ def from_hf_llava(config: dict[str, Any], source: str = "config.json") -> LlavaC
         raise ConfigError(f"{source}: {e}") from e
 
 
+# The original layouts' architectures -> our name for them. Released configs do not say it in
+# model_type reliably: liuhaotian's v1.5 and v1.6 Vicuna/34B say "llava" (the name transformers'
+# own LLaVA later took), v1.6 Mistral "llava_mistral", lmms-lab's OneVision "llava_qwen" or
+# "qwen2"; their `architectures` always name the class.
+ORIGINAL_ARCHITECTURES = {"LlavaLlamaForCausalLM": "llava_llama",
+                          "LlavaMistralForCausalLM": "llava_mistral",
+                          "LlavaQwenForCausalLM": "llava_qwen"}
+
+
+def original_kind(config: dict[str, Any]) -> str | None:
+    """'llava_llama' / 'llava_mistral' / 'llava_qwen' for an original-layout LLaVA config
+    (by its architectures, else its model_type), None for anything else (model_type 'llama':
+    a plain LLaMA / Vicuna, whatever its architectures say)."""
+    if config.get("model_type") == "llama":
+        return None
+    for architecture in config.get("architectures") or ():
+        if architecture in ORIGINAL_ARCHITECTURES:
+            return ORIGINAL_ARCHITECTURES[architecture]
+    model_type = config.get("model_type")
+    if model_type in ORIGINAL_ARCHITECTURES.values():
+        return model_type
+    if model_type == "llava" and "text_config" not in config and "mm_vision_tower" in config:
+        return "llava_llama"  # an original config without architectures
+    return None
+
+
 def from_original_llava(config: dict[str, Any], clip_config: dict[str, Any], *,
                         vocab_size: int, image_token_index: int, pad_token_id: int,
                         projector_type: str | None = None, source: str = "config.json") -> LlavaConfig:
@@ -260,7 +290,8 @@ def from_original_llava(config: dict[str, Any], clip_config: dict[str, Any], *,
     """
     # A head missing from the checkpoint is cloned from the embeddings (as transformers'
     # conversion does), so the result is always untied.
-    decoder = "mistral" if config.get("model_type") == "llava_mistral" else "llama"
+    model_type = original_kind(config)
+    decoder = {"llava_mistral": "mistral", "llava_qwen": "qwen2"}.get(model_type, "llama")
     text = text_config_from_hf({**config, "model_type": decoder, "vocab_size": vocab_size,
                                 "tie_word_embeddings": False}, source)
     select = config.get("mm_vision_select_feature", "patch")
@@ -268,32 +299,36 @@ def from_original_llava(config: dict[str, Any], clip_config: dict[str, Any], *,
         raise ConfigError(f"{source}: mm_vision_select_feature={select!r} is unknown.")
     merge = config.get("mm_patch_merge_type", "flat")
     aspect = config.get("image_aspect_ratio", "square")
-    if aspect == "anyres":  # LLaVA-1.6 (liuhaotian llava-v1.6-*)
+    vision = vision_config_from_clip(clip_config, source)
+    onevision = model_type == "llava_qwen" and isinstance(aspect, str) and \
+        re.fullmatch(r"anyres_max_[1-9]\d*", aspect) is not None
+    if aspect == "anyres" or onevision:  # LLaVA-1.6 (liuhaotian), OneVision (lmms-lab)
         if merge != "spatial_unpad":
             raise ConfigError(f"{source}: mm_patch_merge_type={merge!r} with image_aspect_ratio="
-                              "'anyres' is not supported; only 'spatial_unpad' (LLaVA-1.6).")
-        pinpoints = config.get("image_grid_pinpoints")
-        try:
-            pinpoints = tuple((int(h), int(w)) for h, w in pinpoints)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"{source}: image_grid_pinpoints={pinpoints!r} is not a list of "
-                              "[height, width] pairs.") from e
-        layout = dict(image_aspect="anyres", image_grid_pinpoints=pinpoints,
-                      mm_patch_merge_type="spatial_unpad")
+                              f"{aspect!r} is not supported; only 'spatial_unpad'.")
+        layout = dict(image_aspect=aspect, mm_patch_merge_type="spatial_unpad",
+                      image_grid_pinpoints=_original_pinpoints(
+                          config.get("image_grid_pinpoints"), vision.image_size, source))
     elif isinstance(aspect, str) and aspect.startswith("anyres"):
         raise ConfigError(f"{source}: image_aspect_ratio={aspect!r} is not supported in the "
-                          "original layout; 'anyres' (LLaVA-1.6), 'pad' or 'square'.")
+                          "original layout; 'anyres' (LLaVA-1.6), 'anyres_max_N' (llava_qwen, "
+                          "OneVision), 'pad' or 'square'.")
     elif merge != "flat":
         raise ConfigError(f"{source}: mm_patch_merge_type={merge!r} is only supported with "
                           "image_aspect_ratio='anyres' ('spatial_unpad', LLaVA-1.6); flat "
                           "models use 'flat'.")
     else:
         layout = dict(image_aspect="pad" if aspect == "pad" else "square")
+    layer = config.get("mm_vision_select_layer", -1)
+    if vision.model_type == "siglip_vision_model":
+        # LLaVA-NeXT's SigLIP tower returns its last kept layer's output, every token (no class
+        # token), whatever mm_vision_select_layer says; llava-hf's OneVision: -1, "full".
+        layer, select = -1, "cls_patch"
     return LlavaConfig(
-        vision=vision_config_from_clip(clip_config, source),
+        vision=vision,
         text=text,
         projector_type=projector_type or config.get("mm_projector_type", "linear"),
-        vision_feature_layer=config.get("mm_vision_select_layer", -1),
+        vision_feature_layer=layer,
         vision_feature_select_strategy=select,
         image_token_index=image_token_index,
         pad_token_id=pad_token_id,
@@ -301,6 +336,21 @@ def from_original_llava(config: dict[str, Any], clip_config: dict[str, Any], *,
         eos_token_id=config.get("eos_token_id", 2),
         **layout,
     )
+
+
+def _original_pinpoints(pinpoints, tile: int, source: str) -> tuple[tuple[int, int], ...]:
+    """image_grid_pinpoints as [[h, w], ...], or LLaVA-NeXT's training shorthand
+    "(1x1),...,(6x6)": every grid from the first to the last, in tiles of `tile` pixels."""
+    if isinstance(pinpoints, str):
+        match = re.fullmatch(r"\((\d+)x(\d+)\),\.\.\.,\((\d+)x(\d+)\)", pinpoints.replace(" ", ""))
+        if match:
+            (a, b, c, d) = map(int, match.groups())
+            return tuple((tile * i, tile * j) for i in range(a, c + 1) for j in range(b, d + 1))
+    try:
+        return tuple((int(h), int(w)) for h, w in pinpoints)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{source}: image_grid_pinpoints={pinpoints!r} is not a list of "
+                          "[height, width] pairs (or '(1x1),...,(NxM)').") from e
 
 
 def _rope_parameters(text: TextConfig) -> dict[str, Any]:
