@@ -148,6 +148,8 @@ def test_original_v16_directory_gives_transformers_logits(tmp_path, decoder, tun
     (dict(image_aspect_ratio="anyres_max_9"), "image_aspect_ratio"),
     (dict(image_grid_pinpoints="(1x1),(2x2)"), "image_grid_pinpoints"),
     (dict(image_aspect_ratio="pad", mm_patch_merge_type="spatial_unpad"), "mm_patch_merge_type"),
+    (dict(model_type="llava_qwen", image_aspect_ratio="anyres_max_9",
+          mm_newline_position="one_token"), "mm_newline_position"),
 ])
 def test_unsupported_original_v16_values_fail_naming_the_field(change, field):
     fields = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=1,

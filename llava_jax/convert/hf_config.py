@@ -306,6 +306,10 @@ def from_original_llava(config: dict[str, Any], clip_config: dict[str, Any], *,
         if merge != "spatial_unpad":
             raise ConfigError(f"{source}: mm_patch_merge_type={merge!r} with image_aspect_ratio="
                               f"{aspect!r} is not supported; only 'spatial_unpad'.")
+        if config.get("mm_newline_position", "grid") != "grid":  # images use "grid"
+            raise ConfigError(f"{source}: mm_newline_position="
+                              f"{config['mm_newline_position']!r} is not supported; only "
+                              "'grid' (a newline after each feature-grid row).")
         layout = dict(image_aspect=aspect, mm_patch_merge_type="spatial_unpad",
                       image_grid_pinpoints=_original_pinpoints(
                           config.get("image_grid_pinpoints"), vision.image_size, source))
