@@ -236,3 +236,26 @@ def test_generation_prompt_ids_equal_the_training_prefix(test_tokenizer):
     first_trained = int(np.flatnonzero(out["labels"] != IGNORE_INDEX)[0])
     np.testing.assert_array_equal(prompt, out["input_ids"][:first_trained])
     assert re.search(r"ASSISTANT:$", test_tokenizer.decode(prompt))
+
+
+def test_one_placeholder_count_per_image():
+    """Tiled models: each <image> takes its own count, in order; a wrong number of counts is a
+    counted skip reason, not an IndexError."""
+    from llava_jax.data.testing import build_test_tokenizer
+    from llava_jax.data.tokenize import TokenizationError, tokenize_conversation
+
+    tokenizer = build_test_tokenizer()
+    image = tokenizer.convert_tokens_to_ids("<image>")
+    conversations = [{"from": "human", "value": "<image>\n<image>\nWhich is the cat?"},
+                     {"from": "gpt", "value": "The left one."}]
+    out = tokenize_conversation(conversations, tokenizer, "vicuna_v1", [3, 5], image, None)
+    ids = out["input_ids"]
+    runs = np.split(np.flatnonzero(ids == image),
+                    np.flatnonzero(np.diff(np.flatnonzero(ids == image)) > 1) + 1)
+    assert [len(run) for run in runs] == [3, 5]
+    assert (out["labels"][ids == image] == -100).all()
+    same = tokenize_conversation(conversations, tokenizer, "vicuna_v1", 4, image, None)
+    assert len(same["input_ids"]) == len(ids)  # 4 + 4 == 3 + 5
+    with pytest.raises(TokenizationError) as error:
+        tokenize_conversation(conversations, tokenizer, "vicuna_v1", [3], image, None)
+    assert error.value.reason == "image_count_mismatch"

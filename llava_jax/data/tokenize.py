@@ -217,13 +217,16 @@ class SpanEncoder:
         return ids, call_start
 
     def encode_prompt(
-        self, prompt: str, image_token_index: int, num_image_tokens: int
+        self, prompt: str, image_token_index: int, num_image_tokens: int | Sequence[int]
     ) -> list[int]:
-        """The whole prompt in one go, as `tokenizer_image_token` did, images expanded."""
+        """The whole prompt in one go, as `tokenizer_image_token` did, images expanded
+        (`num_image_tokens`: one count, or one per image; see `image_token_counts`)."""
+        chunks = prompt.split(IMAGE_TOKEN)
+        counts = image_token_counts(num_image_tokens, len(chunks) - 1)
         ids = list(self.prefix_ids)
-        for chunk_index, chunk in enumerate(prompt.split(IMAGE_TOKEN)):
+        for chunk_index, chunk in enumerate(chunks):
             if chunk_index:
-                ids.extend([image_token_index] * num_image_tokens)
+                ids.extend([image_token_index] * counts[chunk_index - 1])
             ids.extend(self.encode(chunk, call_start=True)[0])
         return ids
 
@@ -246,6 +249,18 @@ def span_encoder(tokenizer) -> SpanEncoder:
 # Public API
 
 
+def image_token_counts(num_image_tokens: int | Sequence[int], images: int) -> list[int]:
+    """Placeholders per image, in <image> order: one count for every image (flat models), or
+    one per image (tiled models: an image's count depends on its size)."""
+    if isinstance(num_image_tokens, (int, np.integer)):
+        return [int(num_image_tokens)] * images
+    counts = [int(n) for n in num_image_tokens]
+    if len(counts) != images:
+        raise TokenizationError("image_count_mismatch",
+                                f"{images} <image> tags for {len(counts)} image token counts")
+    return counts
+
+
 def _merge_neighbours(segments: Sequence[Segment]) -> list[Segment]:
     """Join neighbouring segments with the same `trained` flag: only the boundaries between
     trained and untrained text need to be token boundaries."""
@@ -262,19 +277,24 @@ def tokenize_rounds(
     rounds: Sequence[tuple[str, str]],
     encoder: SpanEncoder,
     template: Template,
-    num_image_tokens: int,
+    num_image_tokens: int | Sequence[int],
     image_token_index: int,
     max_length: int | None,
 ) -> tuple[np.ndarray, np.ndarray, bool]:
-    """(input_ids int32[seq], labels int32[seq], truncated) for normalized rounds."""
+    """(input_ids int32[seq], labels int32[seq], truncated) for normalized rounds.
+    `num_image_tokens`: one count for every image, or one per image in <image> order."""
+    segments = _merge_neighbours(template.segments(rounds))
+    counts = iter(image_token_counts(
+        num_image_tokens, sum(segment.text.count(IMAGE_TOKEN) for segment in segments)))
     ids = list(encoder.prefix_ids)
     labels = [IGNORE_INDEX] * len(ids)
     call_start = True
-    for segment in _merge_neighbours(template.segments(rounds)):
+    for segment in segments:
         for chunk_index, chunk in enumerate(segment.text.split(IMAGE_TOKEN)):
             if chunk_index:
-                ids.extend([image_token_index] * num_image_tokens)
-                labels.extend([IGNORE_INDEX] * num_image_tokens)
+                count = next(counts)
+                ids.extend([image_token_index] * count)
+                labels.extend([IGNORE_INDEX] * count)
                 call_start = True
             if not chunk:
                 continue
@@ -331,7 +351,8 @@ def tokenize_conversation(
       conversations: the sample's [{"from": "human"|"gpt", "value": str}, ...].
       tokenizer: a transformers fast tokenizer (e.g. PreTrainedTokenizerFast of Vicuna v1.5).
       template: a template name of conversation.TEMPLATES ("plain", "vicuna_v1", ...).
-      num_image_tokens: placeholder ids per image (576 for CLIP-L/14 at 336 px).
+      num_image_tokens: placeholder ids per image (576 for CLIP-L/14 at 336 px), or one
+        count per image in <image> order (tiled models).
       image_token_index: the placeholder id (32000 in llava-hf checkpoints).
       max_length: truncate longer sequences (counted after image expansion), or None.
 
@@ -358,13 +379,14 @@ def tokenize_generation_prompt(
     question: str,
     tokenizer,
     template: str | Template,
-    num_image_tokens: int,
+    num_image_tokens: int | Sequence[int],
     image_token_index: int,
     history: Sequence[tuple[str, str]] = (),
 ) -> np.ndarray:
     """int32[seq] ids of a generation prompt (ends after the assistant role), tokenized as the
     original's `tokenizer_image_token` did. Put "<image>" in `question` where the image goes
-    (the original CLI uses "<image>\\n" + question)."""
+    (the original CLI uses "<image>\\n" + question). `num_image_tokens`: one count for every
+    image, or one per image of the history and question, in order (tiled models)."""
     template = get_template(template)
     prompt = template.generation_prompt(question, history)
     ids = span_encoder(tokenizer).encode_prompt(prompt, image_token_index, num_image_tokens)
