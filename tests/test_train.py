@@ -354,16 +354,3 @@ def test_unknown_builtin_data_is_a_config_error(demo_data):
     config.data.builtin = "imagenet"
     with pytest.raises(ValueError, match="data.builtin"):
         validate_config(config)
-
-
-def test_tiled_model_training_is_a_clear_error_not_a_shape_traceback():
-    from llava_jax import sharding
-    from llava_jax.models import get_preset
-    from llava_jax.training import state
-
-    tiled = get_preset("tiny").replace(image_aspect="anyres", mm_patch_merge_type="spatial_unpad",
-                                       image_grid_pinpoints=((64, 32), (32, 64)))
-    c = default_config(2)
-    mesh = sharding.make_mesh(c.mesh, jax.devices()[:1])
-    with pytest.raises(ValueError, match=r"image_aspect='anyres'.*cannot be trained"):
-        state.build_setup(c, tiled, mesh, total_steps=1)

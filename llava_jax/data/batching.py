@@ -11,6 +11,15 @@ I = `max_images_per_row`, H = W = image size):
     image_mask   bool[B, I]         real image slots; the image placeholder runs of a row appear
                                     in input_ids in the order of its real slots
 
+Tiled (anyres) models: a row's images share T = `max_images_per_row` *tile* slots (the packer
+counts tiles), each tile an image slot of one tile for the model, and the placeholder -> feature
+map replaces the slot order:
+
+    pixel_values          float32[B, T, 1, H, W, 3]   the row's tiles, image by image
+    image_mask            bool[B, T]                  tile slots in use
+    image_feature_index   int32[B, L, 4]              data/anyres.py's map, placeholder k of a
+    image_feature_weight  float32[B, L, 4]            row (k < L: placeholders are tokens)
+
 Every segment starts with an untrained token (BOS or an image/system token), so a trainer that
 shifts labels never trains one sample's last token to predict the next sample's first.
 
@@ -35,6 +44,8 @@ import dataclasses
 from typing import Any, Callable, Sequence
 
 import numpy as np
+
+from llava_jax.data import anyres
 
 IGNORE_INDEX = -100
 
@@ -195,34 +206,61 @@ def assemble_batch(
     max_images_per_row: int,
     image_size: int,
     pad_id: int,
+    tiled: anyres.AnyresSpec | None = None,
 ) -> dict[str, np.ndarray]:
     """Pack rows of samples (dicts with input_ids, labels, pixel_values[k, H, W, 3]) into the
-    contract's fixed-shape arrays (see module docstring). Missing rows are padding."""
+    contract's fixed-shape arrays (see module docstring). Missing rows are padding.
+    tiled: a tiled model's spec; samples then hold their tiles as pixel_values[t, H, W, 3]
+    and their images' `layouts`, and max_images_per_row counts tile slots."""
     fullest = max((sum(len(s["input_ids"]) for s in row) for row in rows), default=1)
     ordered = sorted(buckets)
     length = ordered[min(bisect.bisect_left(ordered, fullest), len(ordered) - 1)]
     shape = (batch_size, length)
+    slot_shape = (1, image_size, image_size, 3) if tiled else (image_size, image_size, 3)
     batch: dict[str, Any] = {
         "input_ids": np.full(shape, pad_id, np.int32),
         "labels": np.full(shape, IGNORE_INDEX, np.int32),
         "segment_ids": np.zeros(shape, np.int32),
         "positions": np.zeros(shape, np.int32),
-        "pixel_values": np.zeros(
-            (batch_size, max_images_per_row, image_size, image_size, 3), np.float32
-        ),
+        "pixel_values": np.zeros((batch_size, max_images_per_row, *slot_shape), np.float32),
         "image_mask": np.zeros((batch_size, max_images_per_row), bool),
     }
+    if tiled:
+        batch["image_feature_index"] = np.zeros((*shape, 4), np.int32)
+        batch["image_feature_weight"] = np.zeros((*shape, 4), np.float32)
+        newline = max_images_per_row * tiled.tokens_per_tile  # the model's table: tiles, newline
     for row_index, row in enumerate(rows):
-        cursor, slot = 0, 0
+        cursor, slot, placeholder = 0, 0, 0
         for segment, sample in enumerate(row, start=1):
             n = len(sample["input_ids"])
             batch["input_ids"][row_index, cursor : cursor + n] = sample["input_ids"]
             batch["labels"][row_index, cursor : cursor + n] = sample["labels"]
             batch["segment_ids"][row_index, cursor : cursor + n] = segment
             batch["positions"][row_index, cursor : cursor + n] = np.arange(n, dtype=np.int32)
-            for pixels in sample["pixel_values"]:
-                batch["pixel_values"][row_index, slot] = pixels
-                batch["image_mask"][row_index, slot] = True
-                slot += 1
+            if tiled:
+                slot, placeholder = _place_tiles(batch, row_index, slot, placeholder, sample,
+                                                 tiled, newline)
+            else:
+                for pixels in sample["pixel_values"]:
+                    batch["pixel_values"][row_index, slot] = pixels
+                    batch["image_mask"][row_index, slot] = True
+                    slot += 1
             cursor += n
     return batch
+
+
+def _place_tiles(batch: dict, row: int, slot: int, placeholder: int, sample: dict,
+                 spec: anyres.AnyresSpec, newline: int) -> tuple[int, int]:
+    """Writes a sample's tiles from tile slot `slot` on and maps its placeholders (numbered
+    from `placeholder`, after the row's earlier samples' ones) to them; returns the next free
+    slot and placeholder."""
+    tiles = len(sample["pixel_values"])
+    batch["pixel_values"][row, slot:slot + tiles, 0] = sample["pixel_values"]
+    batch["image_mask"][row, slot:slot + tiles] = True
+    for layout in sample["layouts"]:
+        index, weight = anyres.image_sources(layout, spec, slot * spec.tokens_per_tile, newline)
+        batch["image_feature_index"][row, placeholder:placeholder + len(index)] = index
+        batch["image_feature_weight"][row, placeholder:placeholder + len(index)] = weight
+        placeholder += len(index)
+        slot += layout.num_tiles
+    return slot, placeholder

@@ -3,7 +3,8 @@
     source (JSON index or ArrayRecord)            random access, one raw record per index
       [shard_index::shard_count]                  each JAX process reads a disjoint shard
       .shuffle(seed).repeat(num_epochs)           reshuffled every epoch (grain folds the epoch in)
-      .map_with_index(SampleProcessor)            decode + preprocess images, tokenize; a bad
+      .map_with_index(SampleProcessor)            decode + preprocess images (tiled models: cut
+                                                  into tiles, data/anyres.py), tokenize; a bad
                                                   sample becomes a skip marker, never an exception
       .to_iter_dataset() [.mp_prefetch(workers)]  decoding in grain worker processes
       BatchIterator                               counts/logs skips, packs or buckets samples by
@@ -19,12 +20,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import dataclasses
+
 import grain
 import ml_collections
 import numpy as np
 from absl import logging
 
-from llava_jax.data import batching
+from llava_jax.data import anyres, batching
 from llava_jax.data.conversation import get_template
 from llava_jax.data.image import ASPECT_MODES, ImageDecodeError, decode_image, preprocess_image
 from llava_jax.data.sources import ArrayRecordSource, JsonSource, record_image_names, resolve_image
@@ -42,9 +45,10 @@ SKIP_REASONS = (
     "non_alternating",
     "image_in_answer",
     "image_count_mismatch",  # <image> tags != images listed
-    "too_many_images",  # more images than max_images_per_row
+    "too_many_images",  # more images than max_images_per_row (tiled: tiles > max_tiles_per_row)
     "missing_image",
     "bad_image",  # corrupt, truncated or not an image
+    "tiny_image",  # tiled models: so thin that its unpadded feature grid has no row or column
     "unfaithful_tokenization",
     "too_long",  # truncation would cut an image or leave nothing to train
 )
@@ -71,6 +75,9 @@ def default_data_config(stage: int = 2) -> ml_collections.ConfigDict:
     config.buckets = tuple(range(1024, 2049, 128))
     config.packing = True  # several samples per row (segment ids); else one per row
     config.max_images_per_row = 3  # I: image slots per row (fixed pixel_values shape)
+    # Tiled (anyres) models: tile slots per row, shared by the row's images (fixed
+    # pixel_values [B, tiles, 1, H, W, 3]); 0 = the tiles of one largest image (base + grid).
+    config.max_tiles_per_row = 0
     config.pool_batches = 4  # packing look-ahead, in batches' worth of tokens
     config.group_by_modality = True  # all-image or all-text batches (as the original)
     config.shuffle = True
@@ -103,6 +110,8 @@ def validate_data_config(config) -> None:
         bad("max_length", f"{config.max_length} exceeds the largest bucket {max(config.buckets)}")
     if config.max_images_per_row < 1:
         bad("max_images_per_row", "must be >= 1 (text-only batches keep the slots, masked)")
+    if config.max_tiles_per_row < 0:
+        bad("max_tiles_per_row", "must be >= 0 (0: the tiles one largest image needs)")
     if config.on_error not in ("skip", "raise"):
         bad("on_error", f"must be 'skip' or 'raise', got {config.on_error!r}")
     if config.num_epochs is not None and config.num_epochs < 1:
@@ -126,14 +135,53 @@ def num_samples(config) -> int:
     return len(make_source(config))
 
 
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+    """A tiled (anyres) model's image handling in training.
+
+    spec: the model's layout (data/anyres.py). image_processor: its processor's image half
+    (data/processor.py; the checkpoint's preprocessor_config.json, else the default for the
+    config), so training sees the pixels inference will. tiles_per_row: tile slots a packed
+    row's images share.
+    """
+
+    spec: anyres.AnyresSpec
+    image_processor: Any
+    tiles_per_row: int
+
+
+def make_tiling(model_config, data_config, preprocessor: dict | None = None) -> Tiling:
+    """The Tiling of an anyres LlavaConfig; `preprocessor`: a preprocessor_config.json dict."""
+    from llava_jax.data.processor import ImageProcessor, default_preprocessor_config
+
+    spec = anyres.AnyresSpec.from_config(model_config)
+    image_processor = ImageProcessor.from_dict(
+        preprocessor or default_preprocessor_config(model_config),
+        "preprocessor_config.json" if preprocessor else "default_preprocessor_config")
+    if not image_processor.tiled:
+        raise ValueError(f"image_processor_type={image_processor.kind!r} does not tile; the "
+                         f"model has image_aspect={model_config.image_aspect!r}.")
+    tiles = data_config.max_tiles_per_row or spec.max_tiles
+    if tiles < spec.max_tiles:
+        logging.warning("data.max_tiles_per_row=%d < %d, the tiles of one image at the largest "
+                        "pinpoint: such samples are skipped (too_many_images)", tiles,
+                        spec.max_tiles)
+    return Tiling(spec=spec, image_processor=image_processor, tiles_per_row=tiles)
+
+
 class SampleProcessor:
     """(stream index, raw record) -> a training sample, or a skip marker naming the reason.
 
     Runs in grain workers; picklable. A sample is a dict: input_ids int32[n], labels int32[n],
-    pixel_values float32[k, H, W, 3], num_images k, truncated, stream_index, id.
+    pixel_values float32[k, H, W, 3], num_images k, truncated, stream_index, id. With a
+    `tiling` (tiled models): pixel_values float32[t, H, W, 3], all tiles of the k images in
+    order, num_tiles t, and layouts (k anyres.ImageLayout); each image's placeholder count
+    follows from its size.
     """
 
-    def __init__(self, config, tokenizer, *, num_image_tokens, image_token_index, image_size):
+    def __init__(self, config, tokenizer, *, num_image_tokens, image_token_index, image_size,
+                 tiling: Tiling | None = None):
+        self._tiling = tiling
         self._template = get_template(config.template)
         self._tokenizer = tokenizer
         self._num_image_tokens = num_image_tokens
@@ -176,21 +224,62 @@ class SampleProcessor:
             raise TokenizationError(
                 "too_many_images", f"{len(names)} images > max_images_per_row {self._max_images}"
             )
+        encoded = record.get("_image_bytes")
+
+        def image(slot: int, name: str):
+            data = encoded[slot] if encoded is not None else resolve_image(name, self._image_roots)
+            return decode_image(data, exif_transpose=self._exif_transpose)
+
+        if self._tiling is not None:
+            return self._tiled(stream_index, sample_id, rounds,
+                               [image(slot, name) for slot, name in enumerate(names)])
         input_ids, labels, truncated = tokenize_rounds(
             rounds, span_encoder(self._tokenizer), self._template, self._num_image_tokens,
             self._image_token_index, self._max_length,
         )
-        encoded = record.get("_image_bytes")
         pixels = np.zeros((len(names), self._image_size, self._image_size, 3), np.float32)
         for slot, name in enumerate(names):
-            data = encoded[slot] if encoded is not None else resolve_image(name, self._image_roots)
-            image = decode_image(data, exif_transpose=self._exif_transpose)
-            pixels[slot] = preprocess_image(image, self._image_size, self._aspect)
+            pixels[slot] = preprocess_image(image(slot, name), self._image_size, self._aspect)
         return {
             "input_ids": input_ids,
             "labels": labels,
             "pixel_values": pixels,
             "num_images": len(names),
+            "truncated": truncated,
+            "stream_index": stream_index,
+            "id": sample_id,
+        }
+
+    def _tiled(self, stream_index: int, sample_id: str, rounds, images) -> dict:
+        """A tiled model's sample: layouts from the images' sizes, then tokens and tiles."""
+        spec, tiles_per_row = self._tiling.spec, self._tiling.tiles_per_row
+        layouts = anyres.row_layouts([(im.height, im.width) for im in images], spec)
+        for im, layout in zip(images, layouts):
+            if layout.tiled and min(layout.shape) < 1:
+                raise TokenizationError(
+                    "tiny_image", f"a {im.width}x{im.height} image leaves no feature row or "
+                    "column after unpadding")
+        num_tiles = sum(layout.num_tiles for layout in layouts)
+        if num_tiles > tiles_per_row:
+            raise TokenizationError(
+                "too_many_images", f"{num_tiles} tiles > data.max_tiles_per_row {tiles_per_row}")
+        input_ids, labels, truncated = tokenize_rounds(
+            rounds, span_encoder(self._tokenizer), self._template,
+            [layout.num_tokens(spec) for layout in layouts], self._image_token_index,
+            self._max_length,
+        )
+        size = self._image_size
+        pixels = np.zeros((0, size, size, 3), np.float32)
+        if images:
+            pixels = np.concatenate([self._tiling.image_processor.tiles(im, layout, spec)
+                                     for im, layout in zip(images, layouts)])
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "pixel_values": pixels,
+            "num_images": len(images),
+            "num_tiles": num_tiles,
+            "layouts": layouts,
             "truncated": truncated,
             "stream_index": stream_index,
             "id": sample_id,
@@ -205,8 +294,9 @@ class BatchIterator(grain.DatasetIterator):
     """Final stage: skip accounting and batching; a checkpointable grain DatasetIterator."""
 
     def __init__(self, parent, samples: grain.MapDataset, packer: batching.Packer, *,
-                 image_size: int, pad_id: int, on_error: str):
+                 image_size: int, pad_id: int, on_error: str, tiling: Tiling | None = None):
         super().__init__(parent)
+        self._tiling = tiling
         self._samples = samples  # random access, to re-create pooled samples on restore
         self._packer = packer
         self._image_size = image_size
@@ -240,6 +330,7 @@ class BatchIterator(grain.DatasetIterator):
             batch_size=self._packer.batch_size, buckets=self._packer.buckets,
             max_images_per_row=self._packer.max_images_per_row,
             image_size=self._image_size, pad_id=self._pad_id,
+            tiled=None if self._tiling is None else self._tiling.spec,
         )
         return batch
 
@@ -248,9 +339,10 @@ class BatchIterator(grain.DatasetIterator):
 
     @staticmethod
     def _item(sample: dict) -> batching.Item:
+        # Tiled models: the row budget the packer fills is tile slots, not image slots.
         return batching.Item(
             key=int(sample["stream_index"]), length=len(sample["input_ids"]),
-            num_images=int(sample["num_images"]),
+            num_images=int(sample.get("num_tiles", sample["num_images"])),
             modality="image" if sample["num_images"] else "text",
         )
 
@@ -315,6 +407,7 @@ def make_dataset(
     shard_index: int | None = None,
     shard_count: int | None = None,
     pad_id: int | None = None,
+    tiling: Tiling | None = None,
 ) -> BatchIterator:
     """Iterator of training batches (dicts of numpy arrays, see batching.py) for this process.
 
@@ -330,6 +423,9 @@ def make_dataset(
         jax.process_count().
       pad_id: id for empty positions; default the tokenizer's pad id, else its unk id (as the
         original sets pad = unk), else 0.
+      tiling: a tiled (anyres) model's `make_tiling(...)`: images become tiles and
+        placeholder counts follow each image's size (data.aspect does not apply); batches
+        take batching.py's tiled form.
     """
     validate_data_config(data_config)
     if shard_index is None or shard_count is None:
@@ -357,7 +453,7 @@ def make_dataset(
     records = records.repeat(data_config.num_epochs)
     samples = records.map_with_index(SampleProcessor(
         data_config, tokenizer, num_image_tokens=num_image_tokens,
-        image_token_index=image_token_index, image_size=image_size,
+        image_token_index=image_token_index, image_size=image_size, tiling=tiling,
     ))
     stream = samples.to_iter_dataset(grain.ReadOptions(
         num_threads=data_config.read_threads, prefetch_buffer_size=data_config.read_buffer_size,
@@ -368,9 +464,10 @@ def make_dataset(
             per_worker_buffer_size=data_config.worker_buffer_size,
         ))
     packer = batching.Packer(
-        batch_size, data_config.buckets, data_config.max_images_per_row,
+        batch_size, data_config.buckets,
+        data_config.max_images_per_row if tiling is None else tiling.tiles_per_row,
         packing=data_config.packing, group_by_modality=data_config.group_by_modality,
         pool_batches=data_config.pool_batches,
     )
     return BatchIterator(iter(stream), samples, packer, image_size=image_size, pad_id=pad_id,
-                         on_error=data_config.on_error)
+                         on_error=data_config.on_error, tiling=tiling)

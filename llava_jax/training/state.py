@@ -14,6 +14,7 @@ regex on the parameter path, see optim.py) and the optax state of the trainable 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import warnings
@@ -30,6 +31,7 @@ from llava_jax import sharding
 from llava_jax.convert.projector import read_projector
 from llava_jax.data import IMAGE_TOKEN, demo, easy_vqa, num_samples
 from llava_jax.data import load_tokenizer as load_tokenizer_dir
+from llava_jax.data.processor import PREPROCESSOR_FILE
 from llava_jax import tree
 from llava_jax.models import lora
 from llava_jax.models.config import LlavaConfig, get_preset, jnp_dtype
@@ -95,12 +97,6 @@ def build_setup(c, model_config: LlavaConfig, mesh, total_steps: int) -> TrainSe
     leaves are held in the compute dtype (model.dtype): the base never updates, so float32
     master copies would only double its memory.
     """
-    if model_config.anyres:
-        raise ValueError(
-            f"model: image_aspect={model_config.image_aspect!r} (a tiled LLaVA-NeXT / OneVision "
-            "model) cannot be trained or planned yet: the training pipeline feeds flat images "
-            "only. Inference, conversion and the processor support it (README, 'Supported "
-            "models').")
     adapters = run_adapters(c)
     if adapters is None:
         graphdef, abstract = abstract_params(model_config)
@@ -190,6 +186,20 @@ def load_tokenizer(c):
         return load_tokenizer_dir(directory)
     except FileNotFoundError:
         config_error("model.tokenizer_dir", directory, "holds no tokenizer.json")
+
+
+def base_preprocessor_config(c) -> dict | None:
+    """The base model directory's preprocessor_config.json (what its processor does to
+    images, carried over by conversion), or None (random init, or none there)."""
+    path = os.path.join(c.model.base_dir, PREPROCESSOR_FILE) if c.model.base_dir else ""
+    if not path or not os.path.exists(path):
+        return None
+    try:
+        with open(path) as handle:
+            return json.load(handle)
+    except ValueError as error:
+        config_error("model.base_dir", c.model.base_dir,
+                     f"{PREPROCESSOR_FILE} is not valid JSON ({error})")
 
 
 def resolve_model_config(c, tokenizer) -> LlavaConfig:

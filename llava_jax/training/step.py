@@ -23,7 +23,8 @@ def make_train_step(graphdef, tx, *, loss_chunk_size: int, lm_head_target_fracti
     """(trainable, frozen, opt_state, batch) -> (trainable, opt_state, metrics).
 
     batch leaves are [accum, rows, ...]; pixel_values/image_mask are absent for text-only
-    batches (no dummy images through CLIP). The loss is the mean over all target tokens of
+    batches (no dummy images through CLIP); tiled models' batches add image_feature_index /
+    image_feature_weight (data/batching.py). The loss is the mean over all target tokens of
     the step, so it does not depend on how the rows are split into micro-batches or devices.
     activation_rules: (logical activation axis, mesh axes) pairs the model's sharding
     constraints follow when the step is traced under `jax.set_mesh` (models/partitioning.py);
@@ -44,7 +45,10 @@ def make_train_step(graphdef, tx, *, loss_chunk_size: int, lm_head_target_fracti
     def _loss(model, micro, num_targets):
         hidden = model(micro["input_ids"], micro.get("pixel_values"),
                        segment_ids=micro["segment_ids"], positions=micro["positions"],
-                       image_mask=micro.get("image_mask"), return_hidden=True)
+                       image_mask=micro.get("image_mask"),
+                       image_feature_index=micro.get("image_feature_index"),
+                       image_feature_weight=micro.get("image_feature_weight"),
+                       return_hidden=True)
         targets = shifted_targets(micro["labels"])
         loss_sum = target_loss_sum(model.language_model.logits, hidden, targets,
                                    chunk_size=loss_chunk_size,

@@ -36,6 +36,8 @@ from llava_jax import checkpoint as ckpt
 from llava_jax import sharding
 from llava_jax.convert.projector import write_projector
 from llava_jax.data import make_dataset
+from llava_jax.data.pipeline import make_tiling
+from llava_jax.data.processor import PREPROCESSOR_FILE
 from llava_jax.data.tokenize import IGNORE_INDEX
 from llava_jax.models.llava import LlavaModel
 from llava_jax.training import metrics as metrics_lib
@@ -76,6 +78,13 @@ class Trainer:
         self.model_config = state.resolve_model_config(c, self.tokenizer)
         self.total_steps = state.total_steps(c)
         self.setup = state.build_setup(c, self.model_config, self.mesh, self.total_steps)
+        self.preprocessor = state.base_preprocessor_config(c)
+        self.tiling = None
+        if self.model_config.anyres:  # images become tiles; data.aspect does not apply
+            self.tiling = make_tiling(self.model_config, c.data, self.preprocessor)
+            logging.info("tiled images (%s): %d tile slots per row, pinpoints %s",
+                         self.model_config.image_aspect, self.tiling.tiles_per_row,
+                         list(self.model_config.image_grid_pinpoints))
         self.trainable = self.frozen = self.opt_state = None
         self.step = 0
 
@@ -241,6 +250,9 @@ class Trainer:
             handle.write(self.config.to_json_best_effort(indent=2))
         if self.setup.lora is not None:  # load_pretrained / convert read the adapted layout
             ckpt.write_lora_config(self.workdir, self.setup.lora)
+        if self.preprocessor is not None:  # the processor inference will use, as trained
+            with open(os.path.join(self.workdir, PREPROCESSOR_FILE), "w") as handle:
+                json.dump(self.preprocessor, handle, indent=2)
 
     # ----- data -----
     def _dataset(self):
@@ -250,7 +262,7 @@ class Trainer:
             image_token_index=mc.image_token_index, image_size=mc.vision.image_size,
             global_batch_size=c.optim.global_batch_size // c.optim.grad_accum_steps, seed=c.seed,
             shard_index=jax.process_index(), shard_count=jax.process_count(),
-            pad_id=self.tokenizer.pad_token_id)
+            pad_id=self.tokenizer.pad_token_id, tiling=self.tiling)
 
     def _next_batch(self, iterator, preempted=None):
         """grad_accum_steps micro-batches, padded to one length, stacked: host numpy [accum, ...].
@@ -290,6 +302,10 @@ class Trainer:
         if has_images:
             batch["pixel_values"] = np.stack([m["pixel_values"] for m in micro])
             batch["image_mask"] = np.stack([m["image_mask"] for m in micro])
+            for name in ("image_feature_index", "image_feature_weight"):  # tiled: [.., L, 4]
+                if name in micro[0]:
+                    batch[name] = np.stack([np.pad(m[name], ((0, 0), (0, length - m[name].shape[1]),
+                                                             (0, 0))) for m in micro])
         return batch
 
     def _step_flops(self, rows: int, length: int, slots: int, with_images: bool) -> float:
