@@ -31,6 +31,7 @@ from ml_collections import config_flags
 
 from llava_jax import checkpoint as ckpt
 from llava_jax import sharding
+from llava_jax.data.anyres import AnyresSpec
 from llava_jax.models.attention import select_implementation
 from llava_jax.models.config import get_preset
 from llava_jax.training.config import check_mesh_fits
@@ -47,7 +48,9 @@ _PRESET = flags.DEFINE_string("preset", "", "LlavaConfig preset when config.mode
 _ROWS = flags.DEFINE_integer("rows_per_device", 0, "Rows per device per micro-batch "
                              "(0 = optim.global_batch_size / grad_accum_steps / data-parallel).")
 _SEQ = flags.DEFINE_integer("seq_len", 0, "Row length (0 = data.max_length).")
-_IMAGES = flags.DEFINE_integer("images_per_row", 1, "Image slots per row (0 = text only).")
+_IMAGES = flags.DEFINE_integer(
+    "images_per_row", None, "Image slots per row (0 = text only; default 1); tiled (anyres) "
+    "models: tile slots per row (default: one image at the largest pinpoint, base + grid).")
 _MEMORY = flags.DEFINE_list("device_memory_gb", ["80", "40"], "Capacities (GiB) to check "
                             "against without --topology; the first goes to --json.")
 _JSON = flags.DEFINE_string("json", "", "Also write the plan to this JSON file.")
@@ -62,10 +65,6 @@ def _model_config(config):
         model_config = ckpt.read_config(config.model.base_dir)
     else:
         sys.exit(f"config.model.base_dir={config.model.base_dir!r} is not here: pass --preset.")
-    if model_config.anyres:
-        sys.exit(f"--preset={_PRESET.value or config.model.base_dir}: a tiled (image_aspect="
-                 f"{model_config.image_aspect!r}) model; training, and so its memory plan, takes "
-                 "flat LLaVA models only so far.")
     return model_config.replace(
         dtype=config.model.dtype, param_dtype=config.model.param_dtype,
         remat_policy=config.model.remat_policy, scan_layers=config.model.scan_layers,
@@ -159,16 +158,21 @@ def main(argv):
                                               config.optim.grad_accum_steps)
     check_mesh_fits(config, mesh)
     seq_len = _SEQ.value or config.data.max_length
+    images_per_row = _IMAGES.value
+    if images_per_row is None:
+        images_per_row = (AnyresSpec.from_config(model_config).max_tiles if model_config.anyres
+                          else 1)
     print(f"{_PRESET.value or config.model.base_dir}: stage {config.stage}, "
           f"{_TOPOLOGY.value or f'{len(devices)} CPU devices'}, mesh "
           f"{dict(mesh.shape)}, {rows_per_device} rows x {seq_len} tokens per device per "
-          f"micro-batch, {config.optim.grad_accum_steps} micro-batches, remat="
+          f"micro-batch, {images_per_row} {'tile' if model_config.anyres else 'image'} slots "
+          f"per row, {config.optim.grad_accum_steps} micro-batches, remat="
           f"{config.model.remat_policy}, {config.model.param_dtype} params / "
           f"{config.model.dtype} compute, loss_chunk_size={config.loss_chunk_size}", flush=True)
     gib = lambda b: f"{b / GIB:8.2f} GiB"
     try:
         result = plan(config, model_config, mesh, rows=rows_per_device * data_parallel,
-                      seq_len=seq_len, images_per_row=_IMAGES.value)
+                      seq_len=seq_len, images_per_row=images_per_row)
     except DoesNotFit as refused:
         _report_refusal(refused, capacities, model_config, devices, seq_len, rows_per_device,
                         mesh, gib)

@@ -99,3 +99,17 @@ def test_a_step_the_tpu_compiler_refuses_is_a_plan_that_does_not_fit(tmp_path):
     assert plan["fits"] is False and plan["device_memory_bytes"] == 16 * 2**30
     assert plan["temporaries_bytes"] > 16 * 2**30  # the compiler's count, parsed
     assert plan["peak_bytes_per_device"] >= plan["temporaries_bytes"] + plan["optimizer_bytes"]
+
+
+def test_memory_plan_takes_a_tiled_model_with_its_tile_slots(tmp_path):
+    """A LLaVA-NeXT step compiles with the training batch's tiled form: one image at the
+    largest pinpoint (base + 2 x 2 tiles) per row by default, or --images_per_row tiles."""
+    flops = []
+    for tiles, extra in ((5, ()), (10, ("--images_per_row=10",))):
+        out = tmp_path / f"{tiles}.json"
+        run = _memory_plan("--preset=tiny-next", "--num_devices=2", "--rows_per_device=1",
+                           "--seq_len=128", f"--json={out}", *extra)
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert f"{tiles} tile slots per row" in run.stdout
+        flops.append(json.loads(out.read_text())["flops_per_device"])
+    assert flops[1] > flops[0] > 0  # twice the tiles through the tower

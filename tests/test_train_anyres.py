@@ -5,6 +5,7 @@ skips, and a tiny LLaVA-NeXT trains on the demo images, its loss falling, and re
 import dataclasses
 import json
 import os
+import shutil
 
 import jax.numpy as jnp
 import ml_collections
@@ -15,14 +16,15 @@ from PIL import Image
 from llava_jax import checkpoint as ckpt
 from llava_jax.data import anyres, batching, default_data_config
 from llava_jax.data.pipeline import SampleProcessor, make_dataset, make_tiling
-from llava_jax.data.processor import Processor
+from llava_jax.data.processor import PREPROCESSOR_FILE, Processor, default_preprocessor_config
 from llava_jax.data.testing import build_test_tokenizer, write_dataset
-from llava_jax.models import create_model
+from llava_jax.models import create_model, get_preset
 from llava_jax.training import optim
 from llava_jax.training.trainer import Trainer
 from test_models_anyres import NEXT, ONEVISION
 from test_train import TINY_MODEL, demo_data, flat, tiny_config  # noqa: F401 (fixture)
 
+PINPOINTS = ((16, 32), (32, 16), (32, 32))  # the tiny demo model's (16 px tiles)
 SIZES = {"wide.png": (90, 50), "tall.png": (45, 100), "square.png": (55, 57),
          "thin.png": (64, 2)}  # file -> (width, height)
 
@@ -139,7 +141,16 @@ def tiled_demo(demo_data, tmp_path):  # noqa: F811
             box = (0, 0, 64, 24) if index % 2 else (0, 0, 28, 64)
             row["image"] = f"crop{index}.png"
             image.crop(box).save(crops / row["image"])
-    data = dict(demo_data, stage2_json=str(tmp_path / "stage2.json"))
+    # The run's tokenizer folder holds a preprocessor_config.json (bilinear resampling),
+    # which the pipeline must follow and the workdir carry.
+    tokenizer_dir = tmp_path / "tokenizer"
+    shutil.copytree(demo_data["tokenizer_dir"], tokenizer_dir)
+    settings = default_preprocessor_config(get_preset("tiny-next").replace(
+        vision=dataclasses.replace(get_preset("tiny-next").vision, image_size=16),
+        image_grid_pinpoints=PINPOINTS))
+    (tokenizer_dir / PREPROCESSOR_FILE).write_text(json.dumps(dict(settings, resample=2)))
+    data = dict(demo_data, stage2_json=str(tmp_path / "stage2.json"),
+                tokenizer_dir=str(tokenizer_dir))
     (tmp_path / "stage2.json").write_text(json.dumps(rows))
 
     def config(**optim):
@@ -147,7 +158,7 @@ def tiled_demo(demo_data, tmp_path):  # noqa: F811
         c.data.image_roots = (demo_data["image_root"], str(crops))
         c.model.overrides = ml_collections.ConfigDict(dict(
             TINY_MODEL, image_aspect="anyres", mm_patch_merge_type="spatial_unpad",
-            image_grid_pinpoints=((16, 32), (32, 16), (32, 32))))
+            image_grid_pinpoints=PINPOINTS))
         c.data.buckets, c.data.max_length = (192,), 192
         return c
     return config
@@ -159,6 +170,7 @@ def test_tiny_next_model_trains_and_resumes(tiled_demo, tmp_path):
     losses = [loss for _, loss in result["history"]]
     assert result["step"] == 6 and losses[-1] < losses[0] - 0.2, losses
     assert straight.tiling.tiles_per_row == 5  # base + the 2 x 2 grid of 32 x 32
+    assert straight.tiling.image_processor.resample == 2  # the folder's preprocessor config
 
     config = tiled_demo(total_steps=6)
     config.max_steps = 3
@@ -174,5 +186,5 @@ def test_tiny_next_model_trains_and_resumes(tiled_demo, tmp_path):
     assert "image_newline" in a  # trained in stage 2 with the projector and the LLM
     # The workdir is a tiled model directory with a processor.
     loaded = ckpt.load_pretrained(tmp_path / "resumed")
-    assert loaded.config.anyres and loaded.processor is not None
+    assert loaded.config.anyres and loaded.processor.image_processor.resample == 2
     np.testing.assert_array_equal(np.asarray(loaded.model.image_newline[...]), a["image_newline"])

@@ -158,9 +158,7 @@ def make_tiling(model_config, data_config, preprocessor: dict | None = None) -> 
     image_processor = ImageProcessor.from_dict(
         preprocessor or default_preprocessor_config(model_config),
         "preprocessor_config.json" if preprocessor else "default_preprocessor_config")
-    if not image_processor.tiled:
-        raise ValueError(f"image_processor_type={image_processor.kind!r} does not tile; the "
-                         f"model has image_aspect={model_config.image_aspect!r}.")
+    image_processor.check_fits(model_config)
     tiles = data_config.max_tiles_per_row or spec.max_tiles
     if tiles < spec.max_tiles:
         logging.warning("data.max_tiles_per_row=%d < %d, the tiles of one image at the largest "

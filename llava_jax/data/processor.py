@@ -134,6 +134,16 @@ class ImageProcessor:
     def tiled(self) -> bool:
         return self.kind in _TILED
 
+    def check_fits(self, config) -> None:
+        """Raises ProcessorError unless this processor's tiling is the model config's."""
+        if self.tiled != config.anyres:
+            raise ProcessorError(f"image_processor_type={self.kind!r} does not fit a model with "
+                                 f"image_aspect={config.image_aspect!r}.")
+        if config.anyres and self.pinpoints and \
+                self.pinpoints != tuple(tuple(p) for p in config.image_grid_pinpoints):
+            raise ProcessorError("preprocessor_config.json's image_grid_pinpoints differ from "
+                                 "the model config's image_grid_pinpoints.")
+
     def resize(self, pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         """uint8 [h, w, 3] -> uint8 [height, width, 3] with the configured PIL filter."""
         if pixels.shape[:2] == tuple(size):
@@ -224,15 +234,8 @@ class Processor:
         self.tokenizer = tokenizer
         self.image_processor = image_processor or ImageProcessor.from_dict(
             default_preprocessor_config(config), "default_preprocessor_config")
-        if self.image_processor.tiled != config.anyres:
-            raise ProcessorError(
-                f"image_processor_type={self.image_processor.kind!r} does not fit a model with "
-                f"image_aspect={config.image_aspect!r}.")
+        self.image_processor.check_fits(config)
         self.spec = anyres.AnyresSpec.from_config(config) if config.anyres else None
-        if self.spec is not None and self.image_processor.pinpoints and \
-                self.image_processor.pinpoints != self.spec.pinpoints:
-            raise ProcessorError("preprocessor_config.json's image_grid_pinpoints differ from "
-                                 "the model config's image_grid_pinpoints.")
         image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         if image_id != config.image_token_index:
             raise ProcessorError(f"the tokenizer's {IMAGE_TOKEN} is id {image_id}, the model's "

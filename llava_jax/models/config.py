@@ -476,6 +476,10 @@ PRESETS |= {
         pad_token_id=511,
     ),
 }
+# The tiny model with LLaVA-NeXT's tiling: 32 px tiles, grids up to 2 x 2.
+PRESETS["tiny-next"] = PRESETS["tiny"].replace(
+    image_aspect="anyres", mm_patch_merge_type="spatial_unpad",
+    image_grid_pinpoints=((32, 64), (64, 32), (64, 64)))
 
 
 def get_preset(name: str, **overrides) -> LlavaConfig:

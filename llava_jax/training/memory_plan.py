@@ -119,7 +119,8 @@ def plan(config, model_config, mesh, *, rows: int, seq_len: int, images_per_row:
     """Compiles the step for abstract inputs; returns sizes in bytes and FLOPs per device.
 
     rows: rows of one micro-batch over the whole mesh; seq_len: their length;
-    images_per_row: image slots per row (0 = a text-only batch).
+    images_per_row: image slots per row (0 = a text-only batch); tiled (anyres) models: tile
+    slots per row (data.max_tiles_per_row), in the training batch's tiled form.
     """
     setup = build_setup(config, model_config, mesh, total_steps=1000)
     accum = config.optim.grad_accum_steps
@@ -127,9 +128,15 @@ def plan(config, model_config, mesh, *, rows: int, seq_len: int, images_per_row:
              for name in ("input_ids", "labels", "segment_ids", "positions")}
     if images_per_row:
         size = model_config.vision.image_size
+        tile = (1,) if model_config.anyres else ()  # data/batching.py: one tile per slot
         batch["pixel_values"] = jax.ShapeDtypeStruct(
-            (accum, rows, images_per_row, size, size, 3), np.float32)
+            (accum, rows, images_per_row, *tile, size, size, 3), np.float32)
         batch["image_mask"] = jax.ShapeDtypeStruct((accum, rows, images_per_row), np.bool_)
+        if model_config.anyres:
+            batch["image_feature_index"] = jax.ShapeDtypeStruct((accum, rows, seq_len, 4),
+                                                                np.int32)
+            batch["image_feature_weight"] = jax.ShapeDtypeStruct((accum, rows, seq_len, 4),
+                                                                 np.float32)
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=setup.batch_sharding)
              for k, v in batch.items()}
     start = time.perf_counter()

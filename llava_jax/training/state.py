@@ -189,16 +189,18 @@ def load_tokenizer(c):
 
 
 def base_preprocessor_config(c) -> dict | None:
-    """The base model directory's preprocessor_config.json (what its processor does to
-    images, carried over by conversion), or None (random init, or none there)."""
-    path = os.path.join(c.model.base_dir, PREPROCESSOR_FILE) if c.model.base_dir else ""
-    if not path or not os.path.exists(path):
+    """The preprocessor_config.json beside the run's tokenizer (`model.tokenizer_dir`, else
+    the base model's tokenizer/, where conversion puts it): what the model's processor does
+    to images. None when there is none (then the model config's defaults apply)."""
+    directory = c.model.tokenizer_dir or os.path.join(c.model.base_dir, ckpt.TOKENIZER_DIR)
+    path = os.path.join(directory, PREPROCESSOR_FILE)
+    if not os.path.exists(path):
         return None
     try:
         with open(path) as handle:
             return json.load(handle)
     except ValueError as error:
-        config_error("model.base_dir", c.model.base_dir,
+        config_error("model.tokenizer_dir", directory,
                      f"{PREPROCESSOR_FILE} is not valid JSON ({error})")
 
 

@@ -251,7 +251,8 @@ class Trainer:
         if self.setup.lora is not None:  # load_pretrained / convert read the adapted layout
             ckpt.write_lora_config(self.workdir, self.setup.lora)
         if self.preprocessor is not None:  # the processor inference will use, as trained
-            with open(os.path.join(self.workdir, PREPROCESSOR_FILE), "w") as handle:
+            with open(os.path.join(self.workdir, ckpt.TOKENIZER_DIR, PREPROCESSOR_FILE),
+                      "w") as handle:
                 json.dump(self.preprocessor, handle, indent=2)
 
     # ----- data -----
