@@ -13,7 +13,8 @@ line per answer ({"question_id", "prompt", "text"}).
 Defaults follow the original `llava/serve/cli.py`: temperature 0.2,
 max_new_tokens 512 (capped by the model's position budget); the template is the one the
 checkpoint trained with (its train_config.json), else its decoder family's (vicuna_v1 for
-LLaVA-1.5).
+LLaVA-1.5). Tiled checkpoints (LLaVA-NeXT "anyres", OneVision "anyres_max_N") need nothing
+more: the checkpoint's processor tiles the image, whose placeholder count follows its size.
 """
 
 from __future__ import annotations

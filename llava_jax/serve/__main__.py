@@ -2,7 +2,9 @@
 [--max-tokens=512] [--template=NAME] [--allow-local-images DIR]`: the OpenAI-compatible server.
 
 The model loads, every decode program compiles (a warm-up request per sampling mode), then
-uvicorn serves on HOST:PORT; the web chat page is at http://HOST:PORT/.
+uvicorn serves on HOST:PORT; the web chat page is at http://HOST:PORT/. The engine takes flat
+(LLaVA-1.5) checkpoints only: a tiled one (LLaVA-NeXT / OneVision) is refused at start-up
+(`python -m llava_jax.chat` and `llava_jax.eval` run those).
 """
 
 from __future__ import annotations
