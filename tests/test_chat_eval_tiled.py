@@ -101,8 +101,9 @@ def _expected(pretrained, rows):
     batch = pretrained.processor(text=texts, images=images)
     tokens = generate(pretrained.model, **batch, max_new_tokens=NEW_TOKENS)
     stop = get_template(TEMPLATE).stop_str
-    return [decode_new_tokens(row, pretrained.tokenizer, eos_token_id=pretrained.config.eos_token_id,
-                              stop_strings=[stop]) for row in tokens]
+    eos = pretrained.config.eos_token_id
+    return [decode_new_tokens(row, pretrained.tokenizer, eos_token_id=eos, stop_strings=[stop])
+            for row in tokens]
 
 
 def test_build_inputs_equal_the_processors(pretrained, images):
@@ -204,7 +205,8 @@ def test_eval_cli_matches_generate_on_the_processors_inputs(checkpoint, pretrain
         f"--image-folder={images}", f"--output={output}", "--batch-size=3",
         f"--max-new-tokens={NEW_TOKENS}", "--no-short-answer-prompt", "--no-progress"])
     assert result.returncode == 0, result.stderr
-    answers = {r["question_id"]: r["text"] for r in map(json.loads, output.read_text().splitlines())}
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    answers = {record["question_id"]: record["text"] for record in records}
     # The same three rows as one processor batch (eval's batch of 3).
     expected = _expected(pretrained, [(f"{IMAGE_TOKEN}\n{QUESTION}", images / "wide.png"),
                                       (f"{IMAGE_TOKEN}\n{QUESTION}", images / "tall.png"),
