@@ -13,7 +13,8 @@ line per answer ({"question_id", "prompt", "text"}).
 Defaults follow the original `llava/serve/cli.py`: temperature 0.2,
 max_new_tokens 512 (capped by the model's position budget); the template is the one the
 checkpoint trained with (its train_config.json), else its decoder family's (vicuna_v1 for
-LLaVA-1.5).
+LLaVA-1.5). Tiled checkpoints (LLaVA-NeXT "anyres", OneVision "anyres_max_N") need nothing
+more: the checkpoint's processor tiles the image, whose placeholder count follows its size.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ import os
 import sys
 from typing import Callable, Sequence
 
-import numpy as np
+from PIL import Image
 
 from llava_jax.checkpoint import checkpoint_template, load_pretrained
 from llava_jax.data import IMAGE_TOKEN, ImageDecodeError, get_template
-from llava_jax.inference.batch import Prompt, build_inputs, load_pixels
+from llava_jax.data.processor import ProcessorError
+from llava_jax.inference.batch import Prompt, build_inputs, load_image
 from llava_jax.inference.generation import decode_new_tokens, stream
 
 
@@ -37,30 +39,36 @@ class ChatError(Exception):
 
 
 class ChatSession:
-    """One conversation: template, history of (question, answer) rounds, current image."""
+    """One conversation: template, history of (question, answer) rounds, current image.
+
+    `processor`: the checkpoint's (`load_pretrained(...).processor`), which a tiled (anyres)
+    model's images go through; default: the model config's (`inference.batch.build_inputs`).
+    """
 
     def __init__(self, model, tokenizer, *, template: str = "vicuna_v1",
                  temperature: float = 0.2, top_p: float = 1.0, max_new_tokens: int = 512,
-                 seed: int = 0):
+                 seed: int = 0, processor=None):
         if tokenizer is None:
             raise ChatError("the checkpoint has no tokenizer/ folder; chat needs one.")
         self.model, self.tokenizer = model, tokenizer
         self.template_name, self.template = template, get_template(template)
         self.temperature, self.top_p = temperature, top_p
         self.max_new_tokens, self.seed = max_new_tokens, seed
+        self.processor = processor
         self.history: list[tuple[str, str]] = []
-        self.pixels: np.ndarray | None = None  # float32 [H, W, 3]
+        # Decoded, not preprocessed: a tiled model picks its tiles (and placeholder count)
+        # from the image's size when the prompt is built.
+        self.image: Image.Image | None = None  # RGB
         self.turns = 0
 
     def set_image(self, path: str | None) -> None:
-        """Loads (and preprocesses per the config's image_aspect) a new image; resets history."""
+        """Loads (decodes) a new image; resets history."""
         self.reset()
         if path is None:
-            self.pixels = None
+            self.image = None
             return
-        config = self.model.config
         try:
-            self.pixels = load_pixels(path, config.vision.image_size, config.image_aspect)
+            self.image = load_image(path)
         except (FileNotFoundError, ImageDecodeError) as error:
             raise ChatError(str(error)) from None
 
@@ -72,13 +80,18 @@ class ChatSession:
         piece of decoded text as it is produced. Returns the whole answer (added to history)."""
         config = self.model.config
         question = question.replace(IMAGE_TOKEN, "").strip()
-        with_image = self.pixels is not None and not self.history
+        with_image = self.image is not None and not self.history
         if with_image:
             question = f"{IMAGE_TOKEN}\n{question}"
         # The image belongs to the conversation's first turn: every later prompt repeats it.
         needs_image = IMAGE_TOKEN in question or self._history_has_image()
-        inputs = build_inputs([Prompt(question, self.pixels if needs_image else None,
-                                      self.history)], self.tokenizer, self.template_name, config)
+        prompt = Prompt(question, history=self.history,
+                        image=self.image if needs_image else None)
+        try:
+            inputs = build_inputs([prompt], self.tokenizer, self.template_name, config,
+                                  self.processor)
+        except ProcessorError as error:  # a tiled checkpoint whose processor files do not fit
+            raise ChatError(str(error)) from None
         length = inputs.input_ids.shape[1]
         budget = min(self.max_new_tokens, config.text.max_position_embeddings - length)
         if budget < 1:
@@ -88,7 +101,7 @@ class ChatSession:
         generated: list[int] = []
         shown = ""
         for step in stream(self.model, inputs.input_ids, inputs.pixel_values,
-                           image_mask=inputs.image_mask, max_new_tokens=budget,
+                           **inputs.image_kwargs(), max_new_tokens=budget,
                            temperature=self.temperature, top_p=self.top_p,
                            seed=self.seed + self.turns, stop_strings=stop,
                            tokenizer=self.tokenizer):
@@ -161,7 +174,7 @@ def _role_names(session: ChatSession) -> tuple[str, str]:
 def answer_prompts_file(session: ChatSession, path: str, out=None) -> None:
     """One independent answer per JSONL line, one JSON line out per answer (to stdout)."""
     out = out or sys.stdout
-    default_pixels = session.pixels
+    default_image = session.image
     with open(path, encoding="utf-8") as handle:
         lines = [line for line in handle if line.strip()]
     for number, line in enumerate(lines, start=1):
@@ -174,7 +187,7 @@ def answer_prompts_file(session: ChatSession, path: str, out=None) -> None:
             session.set_image(record["image"])
         else:
             session.reset()
-            session.pixels = default_pixels
+            session.image = default_image
         answer = session.ask(text)
         out.write(json.dumps({"question_id": record.get("question_id", number - 1),
                               "prompt": text, "text": answer}) + "\n")
@@ -224,7 +237,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ChatError(f"{error} Pass --template.") from None
         session = ChatSession(pretrained.model, pretrained.tokenizer, template=template,
                               temperature=args.temperature, top_p=args.top_p,
-                              max_new_tokens=args.max_new_tokens, seed=args.seed)
+                              max_new_tokens=args.max_new_tokens, seed=args.seed,
+                              processor=pretrained.processor)
         session.set_image(args.image)
         if args.prompt is not None:
             print(session.ask(args.prompt), flush=True)

@@ -194,7 +194,8 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         model_id=model_id, template=template, batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[args.task],
         image_root=image_root, progress=args.progress, make_record=make_record,
-        skip=done_ids(args.output) if count > 1 else frozenset())
+        skip=done_ids(args.output) if count > 1 else frozenset(),
+        processor=pretrained.processor)
     if count > 1:
         multihost_utils.sync_global_devices("llava_jax.eval answers written")
         if index != 0:

@@ -286,8 +286,7 @@ class Processor:
                 raise ProcessorError(f"prompt {row} has {len(pieces) - 1} {IMAGE_TOKEN} markers "
                                      f"but {len(row_images)} images.")
             if self.spec is not None:
-                sizes = [(image.height, image.width) for image in row_images]
-                layouts.append(anyres.row_layouts(sizes, self.spec))
+                layouts.append(self.row_layouts(row_images))
                 counts = [layout.num_tokens(self.spec) for layout in layouts[-1]]
             else:
                 counts = [self.config.num_image_tokens] * len(row_images)
@@ -312,20 +311,44 @@ class Processor:
                     mask[row, slot] = True
             batch.update(pixel_values=pixels, image_mask=mask)
             return batch
+        batch.update(self.tiled_images(images, layouts, pad_tiles_to=pad_tiles_to))
+        return batch
+
+    def row_layouts(self, images: Sequence[Image.Image]) -> list[anyres.ImageLayout]:
+        """A tiled model: the layouts of one row's images, in `<image>` order (OneVision tiles
+        an image only when it is alone in its row); `layout.num_tokens(self.spec)` is the
+        image's placeholder count."""
+        if self.spec is None:
+            raise ProcessorError("row_layouts is for tiled (anyres) models.")
+        return anyres.row_layouts([(image.height, image.width) for image in images], self.spec)
+
+    def tiled_images(self, images: Sequence[Sequence[Image.Image]],
+                     layouts: Sequence[Sequence[anyres.ImageLayout]], *,
+                     pad_tiles_to: int | None = None) -> dict[str, np.ndarray]:
+        """A tiled model's image inputs of a batch (at least one image in it).
+
+        Args:
+          images: per row, its images (an empty list for a text-only row).
+          layouts: per row, `row_layouts` of those images.
+          pad_tiles_to: tile slots per image (default: the batch's largest image).
+        Returns:
+          pixel_values float32 [b, images, tiles, S, S, 3] (unused slots zero),
+          image_feature_index int32 / image_feature_weight float32 [b, P, 4].
+        """
+        size = self.config.vision.image_size
+        slots = max(len(row) for row in images)
         tiles = max(layout.num_tiles for row in layouts for layout in row)
         if pad_tiles_to is not None:
             if pad_tiles_to < tiles:
                 raise ProcessorError(f"pad_tiles_to={pad_tiles_to} but an image needs {tiles}.")
             tiles = pad_tiles_to
-        pixels = np.zeros((len(texts), slots, tiles, size, size, 3), np.float32)
+        pixels = np.zeros((len(images), slots, tiles, size, size, 3), np.float32)
         for row, row_images in enumerate(images):
             for slot, (image, layout) in enumerate(zip(row_images, layouts[row])):
                 pixels[row, slot, :layout.num_tiles] = self._check(
                     self.image_processor.tiles(image, layout, self.spec))
         index, weight = anyres.feature_map(layouts, self.spec, images=slots, tiles=tiles)
-        batch.update(pixel_values=pixels, image_feature_index=index,
-                     image_feature_weight=weight)
-        return batch
+        return dict(pixel_values=pixels, image_feature_index=index, image_feature_weight=weight)
 
     def _check(self, pixels: np.ndarray) -> np.ndarray:
         size = self.config.vision.image_size

@@ -50,7 +50,7 @@ def write_answers(model, tokenizer, questions: Sequence[Question], output: str, 
                   model_id: str, template: str, batch_size: int, max_new_tokens: int,
                   image_root: str | None, progress: bool = True,
                   make_record: Callable[[Question, str], dict] | None = None,
-                  skip: set[str] = frozenset()) -> int:
+                  skip: set[str] = frozenset(), processor=None) -> int:
     """Answers the questions not yet in `output` (nor in `skip`), appending one JSON line
     each; returns how many were answered now.
 
@@ -73,7 +73,8 @@ def write_answers(model, tokenizer, questions: Sequence[Question], output: str, 
     with open(output, "a", encoding="utf-8") as handle:
         for batch in answer_questions(model, tokenizer, todo, template=template,
                                       batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                      image_root=image_root, progress=progress):
+                                      image_root=image_root, progress=progress,
+                                      processor=processor):
             handle.writelines(json.dumps(make_record(q, text)) + "\n" for q, text in batch)
             # On disk before the next batch starts: a killed run loses at most one batch.
             handle.flush()

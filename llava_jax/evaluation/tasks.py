@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from llava_jax.data import IMAGE_TOKEN, SHORT_ANSWER_PROMPT, demo, get_template
 from llava_jax.evaluation import scorers
-from llava_jax.inference.batch import Prompt, build_inputs, load_pixels
+from llava_jax.inference.batch import Prompt, build_inputs, load_image
 from llava_jax.inference.generation import decode_new_tokens, generate
 
 TASKS = ("demo", "vqa", "pope", "scienceqa", "llava_bench")
@@ -52,38 +52,40 @@ class Question:
 
 def answer_questions(model, tokenizer, questions: Sequence[Question], *, template: str,
                      batch_size: int, max_new_tokens: int, image_root: str | None,
-                     progress: bool = False,
-                     desc: str = "eval") -> Iterable[list[tuple[Question, str]]]:
+                     progress: bool = False, desc: str = "eval",
+                     processor=None) -> Iterable[list[tuple[Question, str]]]:
     """Greedy answers, one list of (question, text) per batch, in question order.
 
     Each batch becomes `inference.batch.build_inputs` rows: input_ids / attention_mask int32
     [batch_size, longest prompt], pixel_values float32 [batch_size, 1, S, S, 3] (S the vision
-    tower's image size; None when no question of the batch has an image). Every batch is padded
-    to `batch_size` rows (repeating its last question), so all batches share one compiled
-    program per prompt-length bucket. A missing or undecodable image raises FileNotFoundError
-    / ImageDecodeError naming the file.
+    tower's image size; None when no question of the batch has an image), or for a tiled
+    (anyres) model [batch_size, 1, tiles, S, S, 3] with image_feature_index / weight
+    [batch_size, P, 4] (each image's tiles and placeholder count from its size, through
+    `processor`: the checkpoint's, default the model config's). Every batch is padded to
+    `batch_size` rows (repeating its last question), so all batches share one compiled program
+    per prompt-length bucket (a tiled model's also varies with the batch's tile count). A
+    missing or undecodable image raises FileNotFoundError / ImageDecodeError naming the file.
     """
     config = model.config
     stop_str = get_template(template).stop_str
     stop = [stop_str] if stop_str else []
-    size = config.vision.image_size
     bar = (tqdm(total=len(questions), desc=desc, unit="q", dynamic_ncols=True)
            if progress else None)
     for start in range(0, len(questions), batch_size):
         batch = list(questions[start:start + batch_size])
         prompts = []
         for question in batch:
-            pixels = None
+            image = None
             if question.image is not None:
                 path = (question.image if image_root is None
                         else os.path.join(image_root, question.image))
-                pixels = load_pixels(path, size, config.image_aspect)
-            prompts.append(Prompt(text=question.text, pixels=pixels))
+                image = load_image(path)
+            prompts.append(Prompt(text=question.text, image=image))
         # The padding rows reuse the last prompt (and its decoded image) as they are.
         prompts += [prompts[-1]] * (batch_size - len(batch))
-        inputs = build_inputs(prompts, tokenizer, template, config)
+        inputs = build_inputs(prompts, tokenizer, template, config, processor)
         tokens = generate(model, inputs.input_ids, inputs.pixel_values,
-                          attention_mask=inputs.attention_mask, image_mask=inputs.image_mask,
+                          attention_mask=inputs.attention_mask, **inputs.image_kwargs(),
                           max_new_tokens=max_new_tokens, stop_strings=stop, tokenizer=tokenizer)
         texts = [decode_new_tokens(row, tokenizer, eos_token_id=config.eos_token_id,
                                    stop_strings=stop) for row in tokens[:len(batch)]]

@@ -135,6 +135,9 @@ class Engine:
                  max_queue: int = 64, prefill_batch: int = 8, stop_strings: Sequence[str] = (),
                  bucket: int = PROMPT_BUCKET, unstack_layers: bool | None = None):
         config = model.config
+        if config.anyres:  # its prefill has no tiled layout (engine_ops.prefill_insert)
+            raise ValueError(f"the serving engine takes flat models only; this one is tiled "
+                             f"(image_aspect={config.image_aspect!r}).")
         limit = config.text.max_position_embeddings
         self.context = int(context or limit)
         if not 1 <= self.context <= limit:

@@ -2,7 +2,9 @@
 [--max-tokens=512] [--template=NAME] [--allow-local-images DIR]`: the OpenAI-compatible server.
 
 The model loads, every decode program compiles (a warm-up request per sampling mode), then
-uvicorn serves on HOST:PORT; the web chat page is at http://HOST:PORT/.
+uvicorn serves on HOST:PORT; the web chat page is at http://HOST:PORT/. The engine takes flat
+(LLaVA-1.5) checkpoints only: a tiled one (LLaVA-NeXT / OneVision) is refused at start-up
+(`python -m llava_jax.chat` and `llava_jax.eval` run those).
 """
 
 from __future__ import annotations
@@ -15,7 +17,12 @@ from typing import Sequence
 
 import numpy as np
 
-from llava_jax.checkpoint import DEFAULT_TEMPLATE, checkpoint_template, load_pretrained
+from llava_jax.checkpoint import (
+    DEFAULT_TEMPLATE,
+    checkpoint_template,
+    load_pretrained,
+    read_config,
+)
 from llava_jax.data import IMAGE_TOKEN, TEMPLATES, tokenize_generation_prompt
 from llava_jax.inference.engine import Engine, EngineRequest
 from llava_jax.serve.protocol import ServerLimits, stop_strings
@@ -96,6 +103,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from llava_jax.serve.app import create_app
 
+    # Before loading the weights (minutes for a big model): the engine is flat-only.
+    try:
+        tiled = read_config(args.checkpoint).anyres
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if tiled:
+        print(f"error: {args.checkpoint} is a tiled (anyres) model; the server takes flat "
+              "(LLaVA-1.5) models only: use python -m llava_jax.chat or llava_jax.eval.",
+              file=sys.stderr)
+        return 2
     pretrained = load_pretrained(args.checkpoint, dtype=args.dtype)
     if pretrained.tokenizer is None:
         print(f"error: {args.checkpoint} has no tokenizer/ folder; the server needs one.",
