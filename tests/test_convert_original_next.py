@@ -37,6 +37,39 @@ def without_image_tokens(tokenizer, directory):
     return len(plain)
 
 
+def convert_with_cli(llava_dir, tower_dir, output):
+    """`llava-to-jax` as a user runs it; the loaded result."""
+    done = subprocess.run([sys.executable, "-m", "llava_jax.convert", "llava-to-jax", "--input",
+                           str(llava_dir), "--vision-tower", str(tower_dir), "--output",
+                           str(output), "--no-progress"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return load_pretrained(output)
+
+
+def save_original_state(state, path, with_tower):
+    """transformers 5 LLaVA-NeXT / OneVision tensors under the original LLaVA key names
+    (model.mm_projector.{0,2}, model.*, model.image_newline; the tower, when kept, under
+    model.vision_tower.vision_tower.vision_model.*, which transformers 5 writes without
+    `vision_model.`) as one safetensors file."""
+    from safetensors.torch import save_file
+
+    original = {}
+    for key, value in state.items():
+        if key.startswith("model.vision_tower."):
+            if with_tower:
+                original["model.vision_tower.vision_tower.vision_model." +
+                         key[len("model.vision_tower."):]] = value
+        elif key.startswith("model.multi_modal_projector.linear_"):
+            index = 0 if ".linear_1." in key else 2
+            original[f"model.mm_projector.{index}.{key.rsplit('.', 1)[-1]}"] = value
+        elif key.startswith("model.language_model."):
+            original["model." + key[len("model.language_model."):]] = value
+        else:  # lm_head.weight, model.image_newline
+            original[key] = value
+    assert "model.image_newline" in original
+    save_file(original, str(path))
+
+
 def write_original_next(tmp_path, decoder, tuned_tower=False):
     """A random LLaVA-NeXT in the original v1.6 layout + its CLIP tower directory.
     tuned_tower: the checkpoint holds the tower (unfreeze_mm_vision_tower, as the released
@@ -58,23 +91,7 @@ def write_original_next(tmp_path, decoder, tuned_tower=False):
     torch.manual_seed(3)
     model = transformers.LlavaNextForConditionalGeneration(config).float().eval()
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    original = {}
-    for key, value in state.items():
-        if key.startswith("model.vision_tower."):
-            if tuned_tower:
-                original["model.vision_tower.vision_tower.vision_model." +
-                         key[len("model.vision_tower."):]] = value
-            continue
-        if key.startswith("model.multi_modal_projector.linear_"):
-            index = 0 if ".linear_1." in key else 2
-            original[f"model.mm_projector.{index}.{key.rsplit('.', 1)[-1]}"] = value
-        elif key.startswith("model.language_model."):
-            original["model." + key[len("model.language_model."):]] = value
-        else:  # lm_head.weight, model.image_newline
-            original[key] = value
-    assert "model.image_newline" in original
-    from safetensors.torch import save_file
-    save_file(original, str(llava_dir / "model.safetensors"))
+    save_original_state(state, llava_dir / "model.safetensors", with_tower=tuned_tower)
     fields = dict(text, model_type="llava_llama" if decoder == "llama" else "llava_mistral",
                   architectures=["LlavaLlamaForCausalLM" if decoder == "llama" else
                                  "LlavaMistralForCausalLM"],
@@ -97,11 +114,7 @@ def write_original_next(tmp_path, decoder, tuned_tower=False):
 def test_original_v16_directory_gives_transformers_logits(tmp_path, decoder, tuned_tower):
     llava_dir, clip_dir, state, processor, vocab = write_original_next(tmp_path, decoder,
                                                                        tuned_tower)
-    done = subprocess.run([sys.executable, "-m", "llava_jax.convert", "llava-to-jax", "--input",
-                           str(llava_dir), "--vision-tower", str(clip_dir), "--output",
-                           str(tmp_path / "jax"), "--no-progress"], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    loaded = load_pretrained(tmp_path / "jax")
+    loaded = convert_with_cli(llava_dir, clip_dir, tmp_path / "jax")
     config = loaded.config
     assert config.anyres and config.image_aspect == "anyres"
     assert config.mm_patch_merge_type == "spatial_unpad" and config.text.model_type == decoder
@@ -183,21 +196,7 @@ def write_original_onevision(tmp_path, model_type, pinpoints):
     torch.manual_seed(5)
     model = transformers.LlavaOnevisionForConditionalGeneration(config).float().eval()
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    original = {}
-    for key, value in state.items():
-        if key.startswith("model.vision_tower."):
-            # transformers 5 writes no `vision_model.`; the original's SigLIP module has it.
-            original["model.vision_tower.vision_tower.vision_model." +
-                     key[len("model.vision_tower."):]] = value
-        elif key.startswith("model.multi_modal_projector.linear_"):
-            index = 0 if ".linear_1." in key else 2
-            original[f"model.mm_projector.{index}.{key.rsplit('.', 1)[-1]}"] = value
-        elif key.startswith("model.language_model."):
-            original["model." + key[len("model.language_model."):]] = value
-        else:  # lm_head.weight, model.image_newline
-            original[key] = value
-    from safetensors.torch import save_file
-    save_file(original, str(llava_dir / "model.safetensors"))
+    save_original_state(state, llava_dir / "model.safetensors", with_tower=True)
     text = config.text_config.to_dict()
     fields = dict(text, model_type=model_type, architectures=["LlavaQwenForCausalLM"],
                   mm_vision_tower="google/siglip-tiny", mm_projector_type="mlp2x_gelu",
@@ -221,11 +220,7 @@ def write_original_onevision(tmp_path, model_type, pinpoints):
 def test_lmms_lab_onevision_directory_gives_transformers_logits(tmp_path, model_type, pinpoints):
     llava_dir, siglip_dir, reference, processor, vocab = write_original_onevision(
         tmp_path, model_type, pinpoints)
-    done = subprocess.run([sys.executable, "-m", "llava_jax.convert", "llava-to-jax", "--input",
-                           str(llava_dir), "--vision-tower", str(siglip_dir), "--output",
-                           str(tmp_path / "jax"), "--no-progress"], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    loaded = load_pretrained(tmp_path / "jax")
+    loaded = convert_with_cli(llava_dir, siglip_dir, tmp_path / "jax")
     config = loaded.config
     assert config.image_aspect == "anyres_max_2" and config.text.model_type == "qwen2"
     assert config.vision.model_type == "siglip_vision_model"
@@ -270,11 +265,7 @@ def test_original_layouts_are_told_apart_by_architecture(tmp_path):
                           capture_output=True, text=True)
     assert done.returncode != 0 and "llava-to-jax" in done.stderr, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
-    done = subprocess.run([sys.executable, "-m", "llava_jax.convert", "llava-to-jax", "--input",
-                           str(llava_dir), "--vision-tower", str(clip_dir), "--output",
-                           str(tmp_path / "jax"), "--no-progress"], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert load_pretrained(tmp_path / "jax").config.anyres
+    assert convert_with_cli(llava_dir, clip_dir, tmp_path / "jax").config.anyres
 
 
 def test_a_trained_tower_missing_from_the_checkpoint_is_an_error(tmp_path):
