@@ -56,5 +56,6 @@ def test_bench_train_next_tiles_as_llava_next(capsys):
     config = bench_train.bench_config("float32", "next")
     assert config.anyres and [t for _, t in bench_train.image_rows(config)] == [3, 5, 3, 5]
     assert result["model_flops_per_step"] == pytest.approx(metrics.train_step_flops(
-        config, 4, 512, 4, train_projector=True, train_llm=True), rel=1e-9)
+        config, 4, bench_train.row_length(config), 4, train_projector=True, train_llm=True),
+        rel=1e-9)
     assert "llava_jax best (float32) / torch best (float32) tokens/s: " in capsys.readouterr().out
