@@ -11,9 +11,9 @@ that family's switches at this size (FAMILIES: grouped-query attention, llama3 r
 sliding window of half the row, Qwen2's q/k/v biases over a SigLIP tower); the reference is then
 transformers' class for it. `--family=next` tiles the images as LLaVA-NeXT does (anyres,
 spatial_unpad, 112 px tiles on pinpoints 1x2 / 2x1 / 2x2): rows of 384 tokens, one image per
-row of the sizes in NEXT_IMAGE_SIZES (wide 1x2, landscape 2x2, tall 2x1, portrait 2x2 tiles
-+ the base tile each: 3 / 5 / 3 / 5 of 5 tile slots per row), its placeholder count following
-from its size (the same on both sides); the batch is data/batching.py's tiled training form and
+row of the sizes in NEXT_IMAGE_SIZES (rows x cols: wide 1x2, landscape 2x2, tall 2x1,
+portrait 2x2 tiles + the base tile each: 3 / 5 / 3 / 5 of 5 tile slots per row), its
+placeholder count following from its size (the same on both sides); the batch is data/batching.py's tiled training form and
 the reference transformers' LlavaNextForConditionalGeneration (pixel_values [images, tiles, 3,
 S, S] + image_sizes). bfloat16 = bf16 compute with float32 master weights
 (llava_jax `dtype=bfloat16`; torch `autocast(cpu, bfloat16)`).
@@ -95,8 +95,8 @@ NEXT_IMAGE_SIZES = ((150, 320), (480, 640), (336, 160), (640, 480))
 def row_length(config) -> int:
     """Tokens per row: SEQ; a tiled image's placeholders (up to 272) need more room: 1.5 x SEQ,
     below attention.SHORT_QUERIES (512), so 'auto' attention stays `xla` as for SEQ (the
-    `chunked` path's bf16 backward fails on XLA:CPU: "Unsupported element type for
-    DotThunk::Execute: BF16 x BF16 = F32", batch 4 x 8 heads x 512 tokens)."""
+    `chunked` path's bf16 backward fails on XLA:CPU: its dq einsum "bhgqk,bhkd->bqhgd", bf16
+    in, f32 out, raises "Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32")."""
     return SEQ + SEQ // 2 if config.anyres else SEQ
 
 
