@@ -13,9 +13,9 @@ transformers' class for it. `--family=next` tiles the images as LLaVA-NeXT does 
 spatial_unpad, 112 px tiles on pinpoints 1x2 / 2x1 / 2x2): rows of 384 tokens, one image per
 row of the sizes in NEXT_IMAGE_SIZES (rows x cols: wide 1x2, landscape 2x2, tall 2x1,
 portrait 2x2 tiles + the base tile each: 3 / 5 / 3 / 5 of 5 tile slots per row), its
-placeholder count following from its size (the same on both sides); the batch is data/batching.py's tiled training form and
-the reference transformers' LlavaNextForConditionalGeneration (pixel_values [images, tiles, 3,
-S, S] + image_sizes). bfloat16 = bf16 compute with float32 master weights
+placeholder count following from its size (the same on both sides); the batch is
+data/batching.py's tiled training form and the reference transformers'
+LlavaNextForConditionalGeneration (pixel_values [images, tiles, 3, S, S] + image_sizes). bfloat16 = bf16 compute with float32 master weights
 (llava_jax `dtype=bfloat16`; torch `autocast(cpu, bfloat16)`).
 
 Each repeat runs one step of every (side, dtype), alternating the order; medians over repeats.
