@@ -15,8 +15,9 @@ row of the sizes in NEXT_IMAGE_SIZES (rows x cols: wide 1x2, landscape 2x2, tall
 portrait 2x2 tiles + the base tile each: 3 / 5 / 3 / 5 of 5 tile slots per row), its
 placeholder count following from its size (the same on both sides); the batch is
 data/batching.py's tiled training form and the reference transformers'
-LlavaNextForConditionalGeneration (pixel_values [images, tiles, 3, S, S] + image_sizes). bfloat16 = bf16 compute with float32 master weights
-(llava_jax `dtype=bfloat16`; torch `autocast(cpu, bfloat16)`).
+LlavaNextForConditionalGeneration (pixel_values [images, tiles, 3, S, S] + image_sizes).
+bfloat16 = bf16 compute with float32 master weights (llava_jax `dtype=bfloat16`; torch
+`autocast(cpu, bfloat16)`).
 
 Each repeat runs one step of every (side, dtype), alternating the order; medians over repeats.
 MFU = model FLOPs per step (llava_jax.training.metrics.train_step_flops) / step time / peak, where
