@@ -39,3 +39,23 @@ def test_bench_train_family_models_agree_with_transformers_classes(family):
     assert rows["llava_jax"]["first_loss"] == pytest.approx(rows["torch"]["first_loss"], abs=2e-4)
     config = bench_train.bench_config("float32", family)
     assert config.text.model_type == family and config.text.num_kv_heads < config.text.num_heads
+
+
+def test_bench_train_next_tiles_as_llava_next(capsys):
+    """`--family=next`: the tiled training batch (a wide, a landscape, a tall and a portrait
+    image: 3 / 5 / 3 / 5 tiles) scores as transformers' LlavaNextForConditionalGeneration on the
+    same tiles + image_sizes; model FLOPs count the real tiles (16), not one image per row."""
+    from llava_jax.bench import train as bench_train
+    from llava_jax.training import metrics
+
+    result = bench_train.main(["--dtypes=float32", "--repeats=1", "--warmup=0",
+                               "--lora_rank=0", "--family=next"])
+    rows = {row["side"]: row for row in result["rows"]}
+    assert result["family"] == "next" and set(rows) == {"llava_jax", "torch"}
+    assert rows["llava_jax"]["first_loss"] == pytest.approx(rows["torch"]["first_loss"], abs=2e-4)
+    config = bench_train.bench_config("float32", "next")
+    assert config.anyres and [t for _, t in bench_train.image_rows(config)] == [3, 5, 3, 5]
+    assert result["model_flops_per_step"] == pytest.approx(metrics.train_step_flops(
+        config, 4, bench_train.row_length(config), 4, train_projector=True, train_llm=True),
+        rel=1e-9)
+    assert "llava_jax best (float32) / torch best (float32) tokens/s: " in capsys.readouterr().out

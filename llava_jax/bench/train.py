@@ -9,15 +9,25 @@ tokens, one image per row), stage-2 style: projector + LLM train with AdamW, CLI
 Both start from the same random weights. `--family=llama3|mistral|qwen2` gives the model
 that family's switches at this size (FAMILIES: grouped-query attention, llama3 rope scaling, a
 sliding window of half the row, Qwen2's q/k/v biases over a SigLIP tower); the reference is then
-transformers' class for it. bfloat16 = bf16 compute with float32 master weights
-(llava_jax `dtype=bfloat16`; torch `autocast(cpu, bfloat16)`).
+transformers' class for it. `--family=next` tiles the images as LLaVA-NeXT does (anyres,
+spatial_unpad, 112 px tiles on pinpoints 1x2 / 2x1 / 2x2): rows of 384 tokens, one image per
+row of the sizes in NEXT_IMAGE_SIZES (rows x cols: wide 1x2, landscape 2x2, tall 2x1,
+portrait 2x2 tiles + the base tile each: 3 / 5 / 3 / 5 of 5 tile slots per row), its
+placeholder count following from its size (the same on both sides); the batch is
+data/batching.py's tiled training form and the reference transformers'
+LlavaNextForConditionalGeneration (pixel_values [images, tiles, 3, S, S] + image_sizes).
+bfloat16 = bf16 compute with float32 master weights (llava_jax `dtype=bfloat16`; torch
+`autocast(cpu, bfloat16)`).
 
 Each repeat runs one step of every (side, dtype), alternating the order; medians over repeats.
 MFU = model FLOPs per step (llava_jax.training.metrics.train_step_flops) / step time / peak, where
 the peak is measured in the same run: a bf16 jnp.dot (4096^2 x 4096) accumulating in float32.
 Model FLOPs count the LM head on every position (the standard definition); llava_jax runs it
 only on the positions with a target (half of them here, `lm_head_target_fraction`), so
-"HFU" (the FLOPs llava_jax actually executes / time / peak) is printed next to it.
+"HFU" (the FLOPs llava_jax actually executes / time / peak) is printed next to it. Tiled
+(`next`): model FLOPs count the tower (forward) and projector on every real tile of a row's
+image (base tile included: 16 tiles per step here, what torch runs); llava_jax executes them on
+every tile slot (20: fixed shapes, the empty slots are computed too), which HFU counts.
 
 A third side, "llava_jax+lora" (`--lora_rank`, default 16 = the recipe's 128 / 4096 of the
 width; 0 = off), trains the same model with LoRA adapters on the LLM's projections and the
@@ -46,6 +56,7 @@ from flax import nnx
 
 from llava_jax import sharding
 from llava_jax.bench import common, parity
+from llava_jax.data import anyres, batching
 from llava_jax.models.config import LlavaConfig, TextConfig, VisionConfig
 from llava_jax.models import lora
 from llava_jax.models.llava import abstract_params
@@ -72,7 +83,31 @@ FAMILIES = {
                   vision=dict(model_type="siglip_vision_model", hidden_act="gelu_pytorch_tanh",
                               layer_norm_eps=1e-6),
                   vision_feature_layer=-1, vision_feature_select_strategy="cls_patch"),
+    # LLaVA-NeXT (v1.6) tiling over the vicuna decoder: pinpoints of 112 px tiles.
+    "next": dict(text={}, image_aspect="anyres", mm_patch_merge_type="spatial_unpad",
+                 image_grid_pinpoints=((112, 224), (224, 112), (224, 224))),
 }
+# `next`: each row's image (height, width): wide (1x2 tiles: 200 placeholders), 4:3 landscape
+# (2x2, its padding's grid rows cropped: 268), tall (2x1: 208), 3:4 portrait (2x2, columns
+# cropped: 272).
+NEXT_IMAGE_SIZES = ((150, 320), (480, 640), (336, 160), (640, 480))
+
+
+def row_length(config) -> int:
+    """Tokens per row: SEQ; a tiled image's placeholders (up to 272) need more room: 1.5 x SEQ,
+    below attention.SHORT_QUERIES (512), so 'auto' attention stays `xla` as for SEQ (the
+    `chunked` path's bf16 backward fails on XLA:CPU: its dq einsum "bhgqk,bhkd->bqhgd", bf16
+    in, f32 out, raises "Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32")."""
+    return SEQ + SEQ // 2 if config.anyres else SEQ
+
+
+def image_rows(config) -> list[tuple[int, int]]:
+    """(placeholders, tiles) of each row's image: (64, 1) each unless tiled."""
+    if not config.anyres:
+        return [(IMAGE_TOKENS, 1)] * BATCH
+    spec = anyres.AnyresSpec.from_config(config)
+    layouts = [anyres.image_layout(h, w, spec) for h, w in NEXT_IMAGE_SIZES]
+    return [(layout.num_tokens(spec), layout.num_tiles) for layout in layouts]
 
 
 def bench_config(dtype: str, family: str = "vicuna") -> LlavaConfig:
@@ -89,17 +124,32 @@ def bench_config(dtype: str, family: str = "vicuna") -> LlavaConfig:
 
 
 def make_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
-    """One image per row: BOS, 64 image tokens, text; labels on the second half of the text."""
+    """One image per row: BOS, its image tokens, text; labels on the second half of the row
+    (its text: tiled images' placeholders may reach into it). Tiled: data/batching.py's form."""
     rng = np.random.RandomState(seed)
-    input_ids = rng.randint(3, 32000, (BATCH, SEQ)).astype(np.int32)
+    seq = row_length(config)
+    input_ids = rng.randint(3, 32000, (BATCH, seq)).astype(np.int32)
     input_ids[:, 0] = 1
-    input_ids[:, 1:1 + IMAGE_TOKENS] = config.image_token_index
-    labels = np.full((BATCH, SEQ), -100, np.int32)
-    labels[:, SEQ // 2:] = input_ids[:, SEQ // 2:]
+    for row, (tokens, _) in enumerate(image_rows(config)):
+        input_ids[row, 1:1 + tokens] = config.image_token_index
+    labels = np.full((BATCH, seq), -100, np.int32)
+    labels[:, seq // 2:] = input_ids[:, seq // 2:]
+    labels[input_ids == config.image_token_index] = -100
     size = config.vision.image_size
+    if config.anyres:
+        spec = anyres.AnyresSpec.from_config(config)
+        rows = []
+        for row, (h, w) in enumerate(NEXT_IMAGE_SIZES):
+            layout = anyres.image_layout(h, w, spec)
+            rows.append([{"input_ids": input_ids[row], "labels": labels[row], "layouts": [layout],
+                          "pixel_values": rng.randn(layout.num_tiles, size, size, 3)
+                          .astype(np.float32)}])
+        return batching.assemble_batch(rows, batch_size=BATCH, buckets=[seq],
+                                       max_images_per_row=spec.max_tiles, image_size=size,
+                                       pad_id=config.pad_token_id, tiled=spec)
     return {"input_ids": input_ids, "labels": labels,
-            "segment_ids": np.ones((BATCH, SEQ), np.int32),
-            "positions": np.broadcast_to(np.arange(SEQ, dtype=np.int32), (BATCH, SEQ)).copy(),
+            "segment_ids": np.ones((BATCH, seq), np.int32),
+            "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (BATCH, seq)).copy(),
             "pixel_values": rng.randn(BATCH, 1, size, size, 3).astype(np.float32),
             "image_mask": np.ones((BATCH, 1), bool)}
 
@@ -113,7 +163,8 @@ class JaxSide:
             train_config.lora.rank, train_config.lora.alpha = lora_rank, 2.0 * lora_rank
         train_config.loss_chunk_size = 0
         # Positions per row the LM head runs on (every target fits: half the row has labels).
-        self.lm_head_rows = lm_head_capacity(SEQ, train_config.lm_head_target_fraction)
+        self.lm_head_rows = lm_head_capacity(row_length(self.config),
+                                             train_config.lm_head_target_fraction)
         train_config.optim.learning_rate = 1e-5
         mesh = sharding.make_mesh(ml_collections.ConfigDict(
             {"data": 1, "fsdp": 1, "tensor": 1}), jax.devices()[:1])
@@ -164,13 +215,17 @@ class TorchSide:
         self.optimizer = torch.optim.AdamW(
             [p for p in self.model.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.0)
         batch = make_batch(config)
+        # One image per row, channels first: [B, 3, S, S]; tiled: its tiles [B, T, 3, S, S]
+        # (transformers keeps the first tiles its image_sizes call for).
+        pixels = batch["pixel_values"][:, :, 0] if config.anyres else batch["pixel_values"][:, 0]
         self.inputs = {
             "input_ids": torch.from_numpy(batch["input_ids"]).long(),
             "labels": torch.from_numpy(batch["labels"]).long(),
-            "attention_mask": torch.ones(BATCH, SEQ, dtype=torch.long),
-            "pixel_values": torch.from_numpy(batch["pixel_values"][:, 0].transpose(0, 3, 1, 2)
-                                             .copy()),
+            "attention_mask": torch.ones(batch["input_ids"].shape, dtype=torch.long),
+            "pixel_values": torch.from_numpy(np.moveaxis(pixels, -1, -3).copy()),
         }
+        if config.anyres:
+            self.inputs["image_sizes"] = torch.tensor(NEXT_IMAGE_SIZES)
         self.autocast = dtype == "bfloat16"
         self.torch = torch
 
@@ -219,7 +274,8 @@ def parse_args(argv):
                         help="rank of the llava_jax+lora side (0 = no LoRA side)")
     parser.add_argument("--family", default="vicuna", choices=sorted(FAMILIES),
                         help="decoder family of the benchmark model (its switches at this "
-                             "size; both sides: transformers' Llama / Mistral / Qwen2 classes)")
+                             "size; both sides: transformers' Llama / Mistral / Qwen2 classes); "
+                             "next: LLaVA-NeXT tiling (LlavaNextForConditionalGeneration)")
     parser.add_argument("--parity", action="store_true",
                         help="instead: training parity with PyTorch (llava_jax.bench.parity; "
                         "see `--parity --help` for its flags)")
@@ -234,12 +290,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
     import torch  # optional dependency (the `torch` extra): only a run needs it, not --help
 
     dtypes = [d for d in args.dtypes.split(",") if d]
+    family = args.family
+    config = bench_config("float32", family)
+    seq, rows = row_length(config), image_rows(config)
+    images = (f"{IMAGE_TOKENS} image tokens" if not config.anyres else
+              "image tokens / tiles per row " + ", ".join(f"{n} / {t}" for n, t in rows)
+              + f" ({config.max_tiles} tile slots)")
     print(f"jax {jax.__version__} ({jax.devices()[0].device_kind}), torch {torch.__version__} "
           f"({torch.get_num_threads()} threads, CPU capability "
-          f"{torch.backends.cpu.get_cpu_capability()}); batch {BATCH} x {SEQ} tokens, "
-          f"{IMAGE_TOKENS} image tokens; projector + LLM train, vision tower frozen; family "
-          f"{args.family}", flush=True)
-    family = args.family
+          f"{torch.backends.cpu.get_cpu_capability()}); batch {BATCH} x {seq} tokens, "
+          f"{images}; projector + LLM train, vision tower frozen; family {family}", flush=True)
     reference = JaxSide("float32", None, family=family)
     shared = jax.tree.map(np.asarray, reference.params)
     sides = {}
@@ -260,18 +320,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
             first_loss.setdefault(key, loss)
             times[key].append(sides[key].elapsed)
     peak = measure_peak()
-    config = bench_config("float32", family)
     kw = dict(train_projector=True, train_llm=True)
-    flops = metrics.train_step_flops(config, BATCH, SEQ, 1, **kw)
+    # Model FLOPs: the tower on each row's real tiles; llava_jax executes every tile slot.
+    flops = sum(metrics.train_step_flops(config, 1, seq, tiles, **kw) for _, tiles in rows)
+    slots = reference.batch["pixel_values"].shape[2]
     head_rows = reference.lm_head_rows
-    executed = {"llava_jax": metrics.train_step_flops(config, BATCH, SEQ, 1, **kw,
+    executed = {"llava_jax": metrics.train_step_flops(config, BATCH, seq, slots, **kw,
                                                       lm_head_rows=head_rows), "torch": flops}
-    tokens = BATCH * SEQ
+    tokens = BATCH * seq
     result = {"family": family, "peak_bf16_flops": peak, "model_flops_per_step": flops,
               "llava_jax_executed_flops_per_step": executed["llava_jax"], "rows": []}
     print(f"measured bf16 matmul peak: {peak / 1e9:.0f} GFLOP/s; model FLOPs/step "
           f"{flops / 1e9:.1f} G (llava_jax executes {executed['llava_jax'] / 1e9:.1f} G: LM head "
-          f"on {head_rows} of {SEQ} positions per row)")
+          f"on {head_rows} of {seq} positions per row)")
     print(f"{'side':<15} {'dtype':<9} {'s/step':>8} {'tokens/s':>9} {'MFU':>6} {'HFU':>6} "
           f"{'loss':>8} {'peak GiB':>9}")
     for key in sides:
