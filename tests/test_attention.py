@@ -361,3 +361,23 @@ def test_splash_with_a_sliding_window_compiles_for_tpu(tpu_devices):
     with jax.set_mesh(mesh):
         text = jax.jit(grads).lower(*args).compile().as_text()
     assert text.count("tpu_custom_call") == 3
+
+
+def test_chunked_bf16_backward_runs_on_cpu_at_training_shapes():
+    """bf16 rows of 512 tokens, 4 rows x 8 heads (what `auto` picks chunked for on CPU): the
+    dq dot once hit XLA:CPU's missing bf16 x bf16 = f32 DotThunk kernel. Gradients follow the
+    float32 ones to bf16 precision."""
+    from llava_jax.models.attention import AttentionMask, chunked_attention
+
+    rng = np.random.default_rng(0)
+    b, s, h, d = 4, 512, 8, 64
+    q = rng.standard_normal((b, s, h, d)).astype(np.float32)
+    k, v = (rng.standard_normal((b, h, s, d)).astype(np.float32) for _ in range(2))
+    mask = AttentionMask.for_sequence(jnp.ones((b, s), jnp.int32))
+    grad = jax.jit(jax.grad(lambda q, k, v: chunked_attention(q, k, v, mask).astype(
+        jnp.float32).sum(), argnums=(0, 1, 2)))
+    low = grad(*(jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)))
+    full = grad(*(jnp.asarray(x) for x in (q, k, v)))
+    for a, e in zip(low, full):
+        a, e = np.asarray(a, np.float32), np.asarray(e)
+        assert np.linalg.norm(a - e) < 0.05 * np.linalg.norm(e)

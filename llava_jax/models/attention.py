@@ -322,8 +322,11 @@ def _flash_bwd(block_q, block_kv, window, residuals, d_out):
                 # Masked logits are constants (where), as in xla: no gradient through them.
                 ds = jnp.where(allowed[:, None, None], p * (dp - delta_i[..., None]), 0.0)
                 ds = (ds * scale).astype(qi.dtype)
-                dq = dq + jnp.einsum("bhgqk,bhkd->bqhgd", ds, kj,
-                                     preferred_element_type=jnp.float32)
+                # Contracted to [b, h, g, q, d], then transposed: XLA:CPU's DotThunk has no
+                # bf16 x bf16 = f32 kernel for the dot that writes bqhgd directly (jax 0.10.2,
+                # b=4, h=8, 256-query blocks: "Unsupported element type").
+                dq = dq + jnp.einsum("bhgqk,bhkd->bhgqd", ds, kj,
+                                     preferred_element_type=jnp.float32).transpose(0, 3, 1, 2, 4)
                 dk_j = jnp.einsum("bhgqk,bqhgd->bhkd", ds, qi, preferred_element_type=jnp.float32)
                 add = lambda full, part: jax.lax.dynamic_update_slice_in_dim(
                     full, _block(full, 2, j, block_kv) + part, j * block_kv, 2)
