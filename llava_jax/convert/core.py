@@ -198,10 +198,11 @@ def _own_tower_config(vision_json: dict, names, input_dir: Path) -> dict:
     return dict(vision, num_hidden_layers=max(layers) + 1, vision_use_head=False)
 
 
-def _qwen_image_token(input_dir: Path, config_json: dict, rows: int) -> tuple[int, int]:
-    """(<image> id, pad id) for a Qwen2 LLaVA: <image> after the tokenizer's last token (as
-    llava-hf's OneVision conversion adds it), pad the tokenizer's own."""
-    from transformers import PreTrainedTokenizerFast
+def _qwen_image_tokenizer(input_dir: Path, config_json: dict, rows: int):
+    """(tokenizer with <image>, <image> id, pad id) for a Qwen2 LLaVA: <image> added after the
+    tokenizer's last token (as llava-hf's OneVision conversion adds it) into one of the
+    embedding table's spare rows; pad the tokenizer's own."""
+    from transformers import AddedToken, PreTrainedTokenizerFast
 
     if not (input_dir / "tokenizer.json").exists():
         raise CheckpointError(f"{input_dir}: a llava_qwen checkpoint needs its tokenizer.json "
@@ -214,16 +215,9 @@ def _qwen_image_token(input_dir: Path, config_json: dict, rows: int) -> tuple[in
     pad = tokenizer.pad_token_id
     if pad is None:
         pad = config_json.get("pad_token_id") or tokenizer.eos_token_id
-    return image_index, pad
-
-
-def _write_qwen_image_tokenizer(input_dir: Path, target: Path, image_index: int) -> None:
-    from transformers import AddedToken, PreTrainedTokenizerFast
-
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(input_dir))
     tokenizer.add_tokens([AddedToken("<image>", special=True, normalized=False)])
     assert tokenizer.convert_tokens_to_ids("<image>") == image_index
-    tokenizer.save_pretrained(str(target))
+    return tokenizer, image_index, pad
 
 
 def _projector_type_from_names(names: list[str]) -> str:
@@ -284,11 +278,10 @@ def llava_to_jax(input_dir: str, vision_tower_dir: str, output_dir: str, *,
                               "the checkpoint holds no model.vision_tower.vision_tower.* "
                               "tensors: the trained tower is missing (the base tower from "
                               "--vision-tower is not what this model was trained with).")
+    readers = [llava_reader]
     if own_tower:
         logging.info("the vision tower comes from %s (trained with the model); %s gives its "
                      "config only", input_dir, vision_dir)
-    readers = [llava_reader]
-    if own_tower:
         clip_json = _own_tower_config(clip_json, llava_reader.names(), input_dir)
     else:
         readers.append(TensorReader(vision_dir, mapping.canonical_clip_name))
@@ -297,8 +290,6 @@ def llava_to_jax(input_dir: str, vision_tower_dir: str, output_dir: str, *,
     owner: dict[str, TensorReader] = {}
     for reader in readers:
         for name in reader.names():
-            if name.startswith("vision_tower.") and reader is llava_reader and not own_tower:
-                continue  # the separate CLIP directory is authoritative for the tower
             if name.startswith("multi_modal_projector.") and projector is not None and reader is llava_reader:
                 continue  # an explicit projector file wins
             owner[name] = reader
@@ -311,8 +302,10 @@ def llava_to_jax(input_dir: str, vision_tower_dir: str, output_dir: str, *,
     padded_vocab = -(-(old_vocab + 2) // 64) * 64
     # transformers' conversion appends <image> then <pad> to the vocabulary.
     image_index, pad_index = old_vocab, old_vocab + 1
+    qwen_tokenizer = None
     if model_type == "llava_qwen":  # Qwen2's table has spare rows: <image> takes the next id
-        image_index, pad_index = _qwen_image_token(input_dir, config_json, old_vocab)
+        qwen_tokenizer, image_index, pad_index = _qwen_image_tokenizer(input_dir, config_json,
+                                                                       old_vocab)
         padded_vocab = old_vocab
     projector_type = init_projector
     if projector is not None:
@@ -362,9 +355,8 @@ def llava_to_jax(input_dir: str, vision_tower_dir: str, output_dir: str, *,
     available = set(owner) | {head_name} | set(fresh_projector)
     _check_names(specs, available, describe, f"{input_dir} + {vision_dir}")
     with checkpoint.ModelWriter(output_dir, config, overwrite=overwrite) as writer:
-        if model_type == "llava_qwen":
-            _write_qwen_image_tokenizer(input_dir, writer.stage / checkpoint.TOKENIZER_DIR,
-                                        image_index)
+        if qwen_tokenizer is not None:
+            qwen_tokenizer.save_pretrained(str(writer.stage / checkpoint.TOKENIZER_DIR))
         else:
             _write_image_tokenizer(input_dir, writer.stage / checkpoint.TOKENIZER_DIR, old_vocab)
         _write_params(specs, get_tensor, describe, writer, np_dtype, progress)

@@ -187,12 +187,8 @@ def _layout_fields(config: dict[str, Any], model_type: str, source: str) -> dict
     if model_type == "llava":
         return {}
     defaults = HF_FAMILIES[model_type][1]
-    pinpoints = config.get("image_grid_pinpoints") or defaults["image_grid_pinpoints"]
-    try:
-        pinpoints = tuple((int(h), int(w)) for h, w in pinpoints)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{source}: image_grid_pinpoints={pinpoints!r} is not a list of "
-                          "[height, width] pairs.") from e
+    pinpoints = _pinpoint_pairs(
+        config.get("image_grid_pinpoints") or defaults["image_grid_pinpoints"], source)
     aspect = "anyres"
     if model_type == "llava_onevision":
         aspect = config.get("vision_aspect_ratio", defaults["vision_aspect_ratio"])
@@ -350,11 +346,16 @@ def _original_pinpoints(pinpoints, tile: int, source: str) -> tuple[tuple[int, i
         if match:
             (a, b, c, d) = map(int, match.groups())
             return tuple((tile * i, tile * j) for i in range(a, c + 1) for j in range(b, d + 1))
+    return _pinpoint_pairs(pinpoints, source, " (or '(1x1),...,(NxM)')")
+
+
+def _pinpoint_pairs(pinpoints, source: str, also: str = "") -> tuple[tuple[int, int], ...]:
+    """image_grid_pinpoints [[h, w], ...] as int pairs; anything else fails naming the field."""
     try:
         return tuple((int(h), int(w)) for h, w in pinpoints)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{source}: image_grid_pinpoints={pinpoints!r} is not a list of "
-                          "[height, width] pairs (or '(1x1),...,(NxM)').") from e
+                          f"[height, width] pairs{also}.") from e
 
 
 def _rope_parameters(text: TextConfig) -> dict[str, Any]:

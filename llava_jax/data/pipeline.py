@@ -18,9 +18,8 @@ packing; those are re-created from the random-access dataset on restore.
 
 from __future__ import annotations
 
-from typing import Any
-
 import dataclasses
+from typing import Any
 
 import grain
 import ml_collections
@@ -30,6 +29,7 @@ from absl import logging
 from llava_jax.data import anyres, batching
 from llava_jax.data.conversation import get_template
 from llava_jax.data.image import ASPECT_MODES, ImageDecodeError, decode_image, preprocess_image
+from llava_jax.data.processor import ImageProcessor
 from llava_jax.data.sources import ArrayRecordSource, JsonSource, record_image_names, resolve_image
 from llava_jax.data.tokenize import (
     TokenizationError,
@@ -146,19 +146,14 @@ class Tiling:
     """
 
     spec: anyres.AnyresSpec
-    image_processor: Any
+    image_processor: ImageProcessor
     tiles_per_row: int
 
 
 def make_tiling(model_config, data_config, preprocessor: dict | None = None) -> Tiling:
     """The Tiling of an anyres LlavaConfig; `preprocessor`: a preprocessor_config.json dict."""
-    from llava_jax.data.processor import ImageProcessor, default_preprocessor_config
-
     spec = anyres.AnyresSpec.from_config(model_config)
-    image_processor = ImageProcessor.from_dict(
-        preprocessor or default_preprocessor_config(model_config),
-        "preprocessor_config.json" if preprocessor else "default_preprocessor_config")
-    image_processor.check_fits(model_config)
+    image_processor = ImageProcessor.for_model(model_config, preprocessor)
     tiles = data_config.max_tiles_per_row or spec.max_tiles
     if tiles < spec.max_tiles:
         logging.warning("data.max_tiles_per_row=%d < %d, the tiles of one image at the largest "

@@ -130,6 +130,17 @@ class ImageProcessor:
                    resample=resample, table=table,
                    background=tuple(int(v * 255) for v in mean), pinpoints=pinpoints)
 
+    @classmethod
+    def for_model(cls, config, settings: dict[str, Any] | None = None,
+                  source: str = PREPROCESSOR_FILE) -> "ImageProcessor":
+        """The image processor `settings` (a preprocessor_config.json dict) describe, or
+        without them the model config's default one; checked to fit the model."""
+        if settings is None:
+            settings, source = default_preprocessor_config(config), "default_preprocessor_config"
+        image_processor = cls.from_dict(settings, source)
+        image_processor.check_fits(config)
+        return image_processor
+
     @property
     def tiled(self) -> bool:
         return self.kind in _TILED
@@ -198,6 +209,18 @@ class ImageProcessor:
                          anyres.tile_image(pixels, layout, spec, self.resize)])
 
 
+def read_preprocessor_config(directory: str | os.PathLike) -> dict[str, Any] | None:
+    """`directory`/preprocessor_config.json as a dict, None when there is none; malformed JSON
+    is a ProcessorError naming the file."""
+    path = Path(directory) / PREPROCESSOR_FILE
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise ProcessorError(f"{path}: malformed JSON ({e}).") from e
+
+
 def default_preprocessor_config(config) -> dict[str, Any]:
     """The transformers image-processor settings that go with a model config (what jax-to-hf
     writes, and what `Processor` uses when a checkpoint has no preprocessor_config.json)."""
@@ -232,9 +255,11 @@ class Processor:
             raise ProcessorError("the processor needs the checkpoint's tokenizer (none found).")
         self.config = config
         self.tokenizer = tokenizer
-        self.image_processor = image_processor or ImageProcessor.from_dict(
-            default_preprocessor_config(config), "default_preprocessor_config")
-        self.image_processor.check_fits(config)
+        if image_processor is None:
+            image_processor = ImageProcessor.for_model(config)
+        else:
+            image_processor.check_fits(config)
+        self.image_processor = image_processor
         self.spec = anyres.AnyresSpec.from_config(config) if config.anyres else None
         image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         if image_id != config.image_token_index:
@@ -244,14 +269,11 @@ class Processor:
     @classmethod
     def from_directory(cls, directory: str | os.PathLike, config, tokenizer) -> "Processor":
         """Configured from `directory`/preprocessor_config.json when present."""
-        path = Path(directory) / PREPROCESSOR_FILE
+        settings = read_preprocessor_config(directory)
         image_processor = None
-        if path.exists():
-            try:
-                settings = json.loads(path.read_text())
-            except ValueError as e:
-                raise ProcessorError(f"{path}: malformed JSON ({e}).") from e
-            image_processor = ImageProcessor.from_dict(settings, str(path))
+        if settings is not None:
+            image_processor = ImageProcessor.from_dict(
+                settings, str(Path(directory) / PREPROCESSOR_FILE))
         return cls(config, tokenizer, image_processor)
 
     def number_of_image_tokens(self, height: int, width: int, tiled: bool = True) -> int:

@@ -14,7 +14,6 @@ regex on the parameter path, see optim.py) and the optax state of the trainable 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import warnings
@@ -31,7 +30,7 @@ from llava_jax import sharding
 from llava_jax.convert.projector import read_projector
 from llava_jax.data import IMAGE_TOKEN, demo, easy_vqa, num_samples
 from llava_jax.data import load_tokenizer as load_tokenizer_dir
-from llava_jax.data.processor import PREPROCESSOR_FILE
+from llava_jax.data.processor import ProcessorError, read_preprocessor_config
 from llava_jax import tree
 from llava_jax.models import lora
 from llava_jax.models.config import LlavaConfig, get_preset, jnp_dtype
@@ -193,15 +192,10 @@ def base_preprocessor_config(c) -> dict | None:
     the base model's tokenizer/, where conversion puts it): what the model's processor does
     to images. None when there is none (then the model config's defaults apply)."""
     directory = c.model.tokenizer_dir or os.path.join(c.model.base_dir, ckpt.TOKENIZER_DIR)
-    path = os.path.join(directory, PREPROCESSOR_FILE)
-    if not os.path.exists(path):
-        return None
     try:
-        with open(path) as handle:
-            return json.load(handle)
-    except ValueError as error:
-        config_error("model.tokenizer_dir", directory,
-                     f"{PREPROCESSOR_FILE} is not valid JSON ({error})")
+        return read_preprocessor_config(directory)
+    except ProcessorError as error:
+        config_error("model.tokenizer_dir", directory, str(error))
 
 
 def resolve_model_config(c, tokenizer) -> LlavaConfig:

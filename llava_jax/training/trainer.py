@@ -294,19 +294,21 @@ class Trainer:
                 preempted["agreed"] = preempted["agreed"] or bool(agreed[:, 3].any())
             if agreed[:, 2].any():
                 return None
+        # Per-token arrays ([rows, L, ...]; a tiled model's placeholder map too) are padded to
+        # the step's length; the image arrays are stacked as they are.
         pad_values = {"input_ids": self.tokenizer.pad_token_id, "labels": IGNORE_INDEX,
                       "segment_ids": 0, "positions": 0}
+        if has_images:
+            pad_values |= {name: 0 for name in ("image_feature_index", "image_feature_weight")
+                           if name in micro[0]}
         batch = {}
         for name, value in pad_values.items():
-            batch[name] = np.stack([np.pad(m[name], ((0, 0), (0, length - m[name].shape[1])),
-                                           constant_values=value) for m in micro])
+            batch[name] = np.stack([np.pad(
+                m[name], ((0, 0), (0, length - m[name].shape[1])) + ((0, 0),) * (m[name].ndim - 2),
+                constant_values=value) for m in micro])
         if has_images:
             batch["pixel_values"] = np.stack([m["pixel_values"] for m in micro])
             batch["image_mask"] = np.stack([m["image_mask"] for m in micro])
-            for name in ("image_feature_index", "image_feature_weight"):  # tiled: [.., L, 4]
-                if name in micro[0]:
-                    batch[name] = np.stack([np.pad(m[name], ((0, 0), (0, length - m[name].shape[1]),
-                                                             (0, 0))) for m in micro])
         return batch
 
     def _step_flops(self, rows: int, length: int, slots: int, with_images: bool) -> float:
